@@ -77,7 +77,9 @@ def atomic_directory(final: Path, *, replace: bool = False) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not replace:
-        raise EngineError(f"{final} already exists and will not be overwritten.", title="Refusing to overwrite")
+        raise EngineError(
+            f"{final} already exists and will not be overwritten.", title="Refusing to overwrite"
+        )
     temp = temp_sibling(final)
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()

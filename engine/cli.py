@@ -52,7 +52,9 @@ def _workspace_option(parser: argparse.ArgumentParser, *, default: object) -> No
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     """The top-level parser; only the sub-command being run has its module imported."""
-    parser = argparse.ArgumentParser(prog="tunedeck", description="Fine-tune, chat with and export LLMs from a terminal.")
+    parser = argparse.ArgumentParser(
+        prog="tunedeck", description="Fine-tune, chat with and export LLMs from a terminal."
+    )
     _workspace_option(parser, default=None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:

@@ -20,7 +20,14 @@ from engine.errors import RecipeError
 METHODS = ("lora", "qlora", "full")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "sgd")
+OPTIMIZERS = (
+    "adamw_torch",
+    "adamw_torch_fused",
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+    "adamw_8bit",
+    "sgd",
+)
 QUANT_TYPES = ("nf4", "fp4")
 
 
@@ -149,10 +156,22 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "optimizer"): OPTIMIZERS,
     ("quant", "quant_type"): QUANT_TYPES,
 }
-POSITIVE_INTS = {("data", "max_length"), ("train", "batch_size"), ("train", "grad_accum"), ("lora", "r"),
-                 ("lora", "alpha"), ("train", "logging_steps")}
-NON_NEGATIVE = {("train", "epochs"), ("train", "max_steps"), ("train", "weight_decay"), ("train", "max_grad_norm"),
-                ("train", "eval_steps"), ("train", "save_steps")}
+POSITIVE_INTS = {
+    ("data", "max_length"),
+    ("train", "batch_size"),
+    ("train", "grad_accum"),
+    ("lora", "r"),
+    ("lora", "alpha"),
+    ("train", "logging_steps"),
+}
+NON_NEGATIVE = {
+    ("train", "epochs"),
+    ("train", "max_steps"),
+    ("train", "weight_decay"),
+    ("train", "max_grad_norm"),
+    ("train", "eval_steps"),
+    ("train", "save_steps"),
+}
 FRACTIONS = {("data", "eval_fraction"), ("lora", "dropout"), ("train", "warmup_ratio")}
 
 
@@ -237,13 +256,17 @@ def _check_ranges(where: str, recipe: Recipe) -> None:
         if not 0 <= value < 1:
             raise RecipeError(f"{where}: `{section}.{key}` must be at least 0 and below 1, not {value}.")
     if not 0 < recipe.train.learning_rate < 1:
-        raise RecipeError(f"{where}: `train.learning_rate` must be between 0 and 1, not {recipe.train.learning_rate}.")
+        raise RecipeError(
+            f"{where}: `train.learning_rate` must be between 0 and 1, not {recipe.train.learning_rate}."
+        )
     if recipe.train.epochs == 0 and recipe.train.max_steps == 0:
         raise RecipeError(f"{where}: set `train.epochs` or `train.max_steps` above 0.")
     if not recipe.model.base.strip():
-        raise RecipeError(f"{where}: `model.base` is empty; name a local folder, a hub id or \"demo\".")
+        raise RecipeError(f'{where}: `model.base` is empty; name a local folder, a hub id or "demo".')
     if not recipe.data.dataset.strip():
-        raise RecipeError(f"{where}: `data.dataset` is empty; name a file in the workspace's datasets/ folder.")
+        raise RecipeError(
+            f"{where}: `data.dataset` is empty; name a file in the workspace's datasets/ folder."
+        )
 
 
 def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
@@ -268,7 +291,9 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
                     f"{where}: unknown field `{key}.{field_name}`{_suggest(field_name, hints)}; "
                     f"[{key}] accepts {', '.join(hints)}."
                 )
-            setattr(section, field_name, _coerce(where, f"{key}.{field_name}", field_value, hints[field_name]))
+            setattr(
+                section, field_name, _coerce(where, f"{key}.{field_name}", field_value, hints[field_name])
+            )
     _check_ranges(where, recipe)
     return recipe
 
@@ -276,7 +301,9 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
 def parse_override(text: str) -> tuple[str, str, Any]:
     """Split `section.key=value` into its parts; the value is read as TOML when it parses, else as text."""
     if "=" not in text:
-        raise RecipeError(f"Override {text!r} is not of the form section.key=value (e.g. train.learning_rate=1e-4).")
+        raise RecipeError(
+            f"Override {text!r} is not of the form section.key=value (e.g. train.learning_rate=1e-4)."
+        )
     path, raw = text.split("=", 1)
     parts = path.strip().split(".")
     if len(parts) != 2 or not all(parts):
@@ -306,7 +333,9 @@ def read_recipe_data(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(f"Recipe file {path} does not exist.", next_step="Run `tunedeck recipes` to list them.") from None
+        raise RecipeError(
+            f"Recipe file {path} does not exist.", next_step="Run `tunedeck recipes` to list them."
+        ) from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path} is not UTF-8 text.") from None
     try:

@@ -73,7 +73,13 @@ class Workspace:
         """Create (or complete) a workspace at `root`; existing content is kept."""
         root = Path(root).expanduser().resolve()
         workspace = cls(root)
-        for folder in (root, workspace.datasets_dir, workspace.models_dir, workspace.runs_dir, workspace.exports_dir):
+        for folder in (
+            root,
+            workspace.datasets_dir,
+            workspace.models_dir,
+            workspace.runs_dir,
+            workspace.exports_dir,
+        ):
             folder.mkdir(parents=True, exist_ok=True)
         marker = root / MARKER_FILE
         if not marker.exists():
@@ -138,7 +144,9 @@ class Workspace:
         """Dataset files in datasets/, by name."""
         if not self.datasets_dir.is_dir():
             return []
-        return sorted(p for p in self.datasets_dir.iterdir() if p.suffix == ".jsonl" and not p.name.startswith("."))
+        return sorted(
+            p for p in self.datasets_dir.iterdir() if p.suffix == ".jsonl" and not p.name.startswith(".")
+        )
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:

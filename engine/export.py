@@ -1,0 +1,1231 @@
+"""The export engine: pre-flight, merge, convert to GGUF, quantize, verify and a parity report, as one event-speaking process.
+
+`python -m engine.export --run-dir DIR [--checkpoint N] [--quant q4_0,q5_1,q8_0] [--out DIR]` writes into
+`<workspace>/exports/<run_id>-step<N>/`: merged/ (a 16-bit Hugging Face folder), one f16 GGUF, one GGUF per
+quantization type, a Modelfile for Ollama, report.md and report.json. Every output is written under a temp name
+and renamed when its stage succeeds, so an interrupted or failed export leaves only complete earlier outputs.
+report.json is written last: its presence means the export finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import logging
+import os
+import shutil
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from engine import convert, quantize
+from engine.atomic import atomic_directory, atomic_write_text, is_partial
+from engine.errors import DiskFullError, EngineError, ExportError, OutOfMemoryError
+from engine.events import (
+    EventWriter,
+    Log,
+    Progress,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    claim_stdout,
+)
+from engine.recipes import Recipe, load_recipe
+from engine.workspace import (
+    MARKER_FILE,
+    RUN_RECIPE_FILE,
+    Workspace,
+    checkpoint_dirs,
+    checkpoint_step,
+    latest_checkpoint,
+    pid_alive,
+)
+
+log = logging.getLogger(__name__)
+
+STAGES = ("preflight", "merge", "convert", "quantize", "verify", "parity")
+FAULT_ENV = "TUNEDECK_FAULT"
+FREE_DISK_ENV = "TUNEDECK_FREE_DISK_BYTES"
+FREE_MEMORY_ENV = "TUNEDECK_FREE_MEMORY_BYTES"
+
+MERGED_DIR = "merged"
+EVENTS_FILE = "events.jsonl"
+LOG_FILE = "export.log"
+PID_FILE = "pid"
+STDERR_FILE = "stderr.log"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+MODELFILE = "Modelfile"
+# Files that are the log of an export, not its outputs; they survive a re-export.
+LOG_NAMES = frozenset({EVENTS_FILE, LOG_FILE, PID_FILE, STDERR_FILE})
+# Headroom over the estimates: converters and savers need scratch space and memory beyond the raw weights.
+DISK_MARGIN = 1.10
+MEMORY_MARGIN = 1.30
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Options and the plan pre-flight produces
+
+
+@dataclasses.dataclass
+class ExportOptions:
+    """What the user asked for."""
+
+    run_dir: Path
+    checkpoint: int | None = None
+    quants: list[str] = dataclasses.field(default_factory=lambda: list(quantize.DEFAULT_QUANTS))
+    out_dir: Path | None = None
+    base: str | None = None
+    parity: bool = True
+    parity_questions: int = 30
+    max_new_tokens: int = 0
+    force: bool = False
+    threads: int | None = None
+
+
+@dataclasses.dataclass
+class ExportPlan:
+    """Everything pre-flight established; later stages only read it."""
+
+    run_id: str
+    run_dir: Path
+    workspace: Workspace
+    recipe: Recipe
+    checkpoint_dir: Path
+    step: int
+    export_dir: Path
+    method: str
+    base: str
+    base_dir: Path
+    architecture: str
+    parameters: int
+    quants: list[str]
+    converter: convert.Converter
+    tokenizer: convert.TokenizerCheck
+    merge_dtype: str
+    save_dtype: str
+    disk_needed: int
+    disk_free: int
+    memory_needed: int
+    memory_free: int
+
+    @property
+    def is_adapter(self) -> bool:
+        return (self.checkpoint_dir / ADAPTER_CONFIG).is_file()
+
+    @property
+    def stem(self) -> str:
+        return f"{self.run_id}-step{self.step}"
+
+    def gguf_path(self, kind: str) -> Path:
+        """The final path of the GGUF of type `kind` (f16, q4_0, …)."""
+        return self.export_dir / f"{self.stem}-{kind}.gguf"
+
+
+def default_export_dir(workspace: Workspace, run_id: str, step: int) -> Path:
+    """`<workspace>/exports/<run_id>-step<N>/`."""
+    return workspace.exports_dir / f"{run_id}-step{step}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Progress: one Progress event stream per stage, with an ETA
+
+
+class StageClock:
+    """Emits Progress events for the current stage (at most a few per second) and records each stage's duration."""
+
+    def __init__(self, writer: EventWriter | None, *, min_interval: float = 0.25) -> None:
+        self.writer = writer
+        self.min_interval = min_interval
+        self.durations: dict[str, float] = {}
+        self.name = ""
+        self.total = 1.0
+        self.started = 0.0
+        self.estimate: float | None = None
+        self._last_emit = 0.0
+
+    @contextlib.contextmanager
+    def stage(
+        self, name: str, total: float = 1.0, message: str = "", estimate_s: float | None = None
+    ) -> Iterator[StageClock]:
+        """Time the block as stage `name`; progress inside it goes through `update`."""
+        self.name, self.total, self.estimate = name, max(total, 1e-9), estimate_s
+        self.started = time.monotonic()
+        log.info("stage %s: %s", name, message or "started")
+        self._emit(0.0, message or "started", force=True)
+        yield self
+        self.durations[name] = time.monotonic() - self.started
+        self._emit(self.total, "done", force=True)
+
+    def update(self, current: float, message: str = "") -> None:
+        """Report that `current` of the stage's `total` is done."""
+        self._emit(min(current, self.total), message)
+
+    def _emit(self, current: float, message: str, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_emit < self.min_interval:
+            return
+        self._last_emit = now
+        elapsed = now - self.started
+        if current >= self.total:
+            eta: float | None = 0.0
+        elif current > 0:
+            eta = elapsed / current * (self.total - current)
+        else:
+            eta = max(0.0, self.estimate - elapsed) if self.estimate is not None else None
+        if self.writer is not None:
+            self.writer.emit(
+                Progress(stage=self.name, current=current, total=self.total, eta_s=eta, message=message)
+            )
+
+
+def inject_fault(stage: str) -> None:
+    """Fail on purpose at `stage` when `$TUNEDECK_FAULT` is `export:<stage>` (tests prove nothing half-done is left)."""
+    wanted = os.environ.get(FAULT_ENV, "")
+    if not wanted.startswith("export:"):
+        return
+    target = wanted.removeprefix("export:")
+    if target == stage or (":" in stage and target == stage.split(":", 1)[0]):
+        raise ExportError(
+            f"A failure was injected at the {stage} stage ({FAULT_ENV}={wanted}).",
+            next_step=f"Unset {FAULT_ENV}.",
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pre-flight helpers
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(size) < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def free_disk_bytes(folder: Path) -> int:
+    """Free bytes on the disk holding `folder` (its nearest existing parent); `$TUNEDECK_FREE_DISK_BYTES` overrides."""
+    override = os.environ.get(FREE_DISK_ENV, "").strip()
+    if override:
+        return int(float(override))
+    probe = Path(folder)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def free_memory_bytes() -> int:
+    """Memory available to a new allocation (MemAvailable); `$TUNEDECK_FREE_MEMORY_BYTES` overrides."""
+    override = os.environ.get(FREE_MEMORY_ENV, "").strip()
+    if override:
+        return int(float(override))
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return 0
+
+
+def _safetensors_headers(folder: Path) -> Iterator[dict[str, Any]]:
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 100_000_000:
+                continue
+            yield json.loads(handle.read(length))
+
+
+def count_parameters(folder: Path) -> int:
+    """Number of weights stored in a folder's safetensors files, read from their headers (nothing is loaded)."""
+    total = 0
+    for header in _safetensors_headers(folder):
+        for name, entry in header.items():
+            if name == "__metadata__" or not isinstance(entry, dict):
+                continue
+            count = 1
+            for dim in entry.get("shape", []):
+                count *= int(dim)
+            total += count
+    return total
+
+
+_BNB_MARKERS = (".absmax", ".quant_map", ".quant_state.", ".nested_absmax", ".SCB")
+
+
+def four_bit_only_reason(folder: Path) -> str:
+    """Why `folder` holds no 16-bit weights to merge into ('' when it does): GGUF-only, or pre-quantized."""
+    folder = Path(folder)
+    if folder.is_file() and folder.suffix == ".gguf":
+        return "gguf"
+    weights = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
+    if not weights and list(folder.glob("*.gguf")):
+        return "gguf"
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        quant = config.get("quantization_config") or {}
+        method = str(quant.get("quant_method", "")).lower()
+        if method == "bitsandbytes":
+            return "bitsandbytes 8-bit" if quant.get("load_in_8bit") else "bitsandbytes 4-bit"
+        if method in ("gptq", "awq", "aqlm", "hqq", "eetq", "quanto", "bitnet"):
+            return method.upper()
+    for header in _safetensors_headers(folder):
+        if any(name.endswith(_BNB_MARKERS) or _BNB_MARKERS[2] in name for name in header):
+            return "bitsandbytes 4-bit"
+        break
+    return ""
+
+
+def _local_base_dir(resolved: str) -> Path:
+    """A local folder for a resolved base: itself, or the hub cache's snapshot of a hub id."""
+    if Path(resolved).is_absolute():
+        return Path(resolved)
+    from engine.modeling import check_hub_model
+
+    check_hub_model(resolved)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(resolved, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises several unrelated types here
+        raise ExportError(
+            f"The base model {resolved} is not in the local Hugging Face cache ({type(exc).__name__}).",
+            next_step=f"Download it (`hf download {resolved}`) or pass --base with a local folder.",
+        ) from None
+
+
+def _workspace_of(run_dir: Path) -> Workspace:
+    root = run_dir.parent.parent
+    if (root / MARKER_FILE).is_file():
+        return Workspace(root)
+    return Workspace.open(None, create=False)
+
+
+def _pick_checkpoint(run_dir: Path, step: int | None) -> Path:
+    found = checkpoint_dirs(run_dir)
+    if not found:
+        raise ExportError(
+            f"The run {run_dir.name} has no complete checkpoint to export.",
+            next_step="Wait for its first checkpoint (train.save_steps), or train it longer.",
+        )
+    if step is None:
+        return latest_checkpoint(run_dir) or found[-1]
+    for path in found:
+        if checkpoint_step(path) == step:
+            return path
+    steps = ", ".join(str(checkpoint_step(p)) for p in found[-8:])
+    raise ExportError(
+        f"The run {run_dir.name} has no checkpoint at step {step}.",
+        next_step=f"Pick one of its checkpoints: {steps}.",
+    )
+
+
+def locate(options: ExportOptions) -> tuple[Path, Workspace, Recipe, Path, int, Path]:
+    """Cheap first checks: the run, its recipe, the checkpoint and the export folder (nothing heavy is imported)."""
+    run_dir = Path(options.run_dir).expanduser().resolve()
+    if not (run_dir / RUN_RECIPE_FILE).is_file():
+        raise ExportError(
+            f"{run_dir} is not a tunedeck run folder (it has no {RUN_RECIPE_FILE}).",
+            next_step="Pass a folder under <workspace>/runs/, e.g. `tunedeck export RUN_ID`.",
+        )
+    workspace = _workspace_of(run_dir)
+    recipe = load_recipe(run_dir / RUN_RECIPE_FILE)
+    checkpoint = _pick_checkpoint(run_dir, options.checkpoint)
+    step = checkpoint_step(checkpoint)
+    export_dir = (
+        Path(options.out_dir).expanduser().resolve()
+        if options.out_dir
+        else default_export_dir(workspace, run_dir.name, step)
+    )
+    return run_dir, workspace, recipe, checkpoint, step, export_dir
+
+
+def preflight(
+    options: ExportOptions,
+    *,
+    free_disk: Callable[[Path], int] = free_disk_bytes,
+    free_memory: Callable[[], int] = free_memory_bytes,
+    clock: StageClock | None = None,
+) -> ExportPlan:
+    """Every check that can fail before heavy work: each failure is one sentence with the fix."""
+    run_dir, workspace, recipe, checkpoint, step, export_dir = locate(options)
+    quants = quantize.parse_quant_types(options.quants)
+    step_of = clock.update if clock else (lambda *_: None)
+    step_of(1, "checking the base model")
+    method = "full" if not (checkpoint / ADAPTER_CONFIG).is_file() else recipe.train.method
+    from engine.modeling import resolve_base_model
+
+    base = options.base or recipe.model.base
+    if method == "full":
+        base_dir = checkpoint
+        resolved = str(checkpoint)
+    else:
+        resolved = resolve_base_model(base, workspace)
+        base_dir = _local_base_dir(resolved)
+    reason = four_bit_only_reason(base_dir)
+    if reason == "gguf":
+        raise ExportError(
+            f"The base model {base} is only a GGUF file, so there are no 16-bit weights to merge the adapter into.",
+            next_step="Pass --base (or set model.base) to the model's Hugging Face folder with safetensors weights "
+            "and export again.",
+        )
+    if reason:
+        raise ExportError(
+            f"The base model {base} holds only {reason} weights, and merging into quantized weights gives tensors "
+            "llama.cpp cannot convert.",
+            next_step="Pass --base with the original 16-bit model it was quantized from (the adapter still applies) "
+            "and export again.",
+        )
+    if not (base_dir / "config.json").is_file():
+        raise ExportError(
+            f"The base model folder {base_dir} has no config.json.",
+            next_step="Pass --base with a complete Hugging Face model folder.",
+        )
+    step_of(2, "checking the converter")
+    converter = convert.find_converter()
+    architecture = convert.model_architecture(base_dir)
+    supported = convert.supported_architectures(converter)
+    if architecture not in supported:
+        raise ExportError(
+            f"llama.cpp's converter ({converter.source}, {converter.root}) cannot convert "
+            f"{architecture or 'a model without an architecture in config.json'}.",
+            next_step=f"Point {convert.CONVERTER_DIR_ENV} at a newer llama.cpp checkout that supports it, or fine-tune"
+            " a supported family (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2, StableLM…).",
+        )
+    step_of(3, "checking the tokenizer")
+    tokenizer_dir = checkpoint if (checkpoint / "tokenizer.json").is_file() else base_dir
+    tokenizer = convert.check_tokenizer(tokenizer_dir, converter)
+    step_of(4, "checking disk and memory")
+    parameters = count_parameters(base_dir)
+    if parameters <= 0:
+        raise ExportError(
+            f"No safetensors weights were found in {base_dir}.",
+            next_step="Pass --base with a folder that holds *.safetensors weights.",
+        )
+    sizes = {"merged model": parameters * 2, "f16 GGUF": quantize.estimated_size(parameters, "f16")}
+    for quant in quants:
+        sizes[f"{quant} GGUF"] = quantize.estimated_size(parameters, quant)
+    disk_needed = int(sum(sizes.values()) * DISK_MARGIN)
+    disk_free = int(free_disk(export_dir))
+    if disk_free < disk_needed:
+        parts = ", ".join(f"{name} {_human(size)}" for name, size in sizes.items())
+        raise DiskFullError(
+            f"The export needs about {_human(disk_needed)} free on the disk holding {export_dir} ({parts}), "
+            f"but only {_human(disk_free)} is free.",
+            next_step="Free some space, pass --out with a folder on a bigger disk, or ask for fewer --quant types.",
+        )
+    memory_free = int(free_memory())
+    full_precision = int(parameters * 4 * MEMORY_MARGIN)
+    half_precision = int(parameters * 2 * MEMORY_MARGIN)
+    if memory_free >= full_precision:
+        merge_dtype, memory_needed = "float32", full_precision
+    elif memory_free >= half_precision:
+        merge_dtype, memory_needed = "bfloat16", half_precision
+    else:
+        raise OutOfMemoryError(
+            f"Merging the adapter needs about {_human(half_precision)} of memory for this "
+            f"{parameters / 1e9:.2f}B-parameter model, but only {_human(memory_free)} is available.",
+            next_step="Stop other processes (a running chat or training), or export on a machine with more memory.",
+        )
+    save_dtype = _save_dtype(base_dir)
+    return ExportPlan(
+        run_id=run_dir.name,
+        run_dir=run_dir,
+        workspace=workspace,
+        recipe=recipe,
+        checkpoint_dir=checkpoint,
+        step=step,
+        export_dir=export_dir,
+        method=method,
+        base=resolved,
+        base_dir=base_dir,
+        architecture=architecture,
+        parameters=parameters,
+        quants=quants,
+        converter=converter,
+        tokenizer=tokenizer,
+        merge_dtype=merge_dtype,
+        save_dtype=save_dtype,
+        disk_needed=disk_needed,
+        disk_free=disk_free,
+        memory_needed=memory_needed,
+        memory_free=memory_free,
+    )
+
+
+def _save_dtype(folder: Path) -> str:
+    """bfloat16 for models published in bfloat16 (their weights may exceed float16's range), else float16."""
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
+        if dtype == "bfloat16":
+            return "bfloat16"
+    return "float16"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Merge
+
+
+def _copy_tokenizer_files(plan: ExportPlan, target: Path) -> None:
+    """The checkpoint's tokenizer (it carries training's chat template), completed with base files it lacks."""
+    for source in (plan.checkpoint_dir, plan.base_dir):
+        for name in convert.TOKENIZER_FILES:
+            if (source / name).is_file() and not (target / name).exists():
+                shutil.copy2(source / name, target / name)
+        if (source / "tokenizer_config.json").is_file():
+            # The first folder with a tokenizer config defines the tokenizer; the base only fills gaps
+            # (e.g. tokenizer.model, which transformers 5 no longer writes on save).
+            break
+    for name in ("tokenizer.model", "added_tokens.json"):
+        if (plan.base_dir / name).is_file() and not (target / name).exists():
+            shutil.copy2(plan.base_dir / name, target / name)
+
+
+def _quantized_modules(model: Any) -> list[str]:
+    names = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if "4bit" in kind or "8bit" in kind or kind.startswith(("QuantLinear", "WQLinear")):
+            names.append(name)
+    return names
+
+
+def merge_stage(plan: ExportPlan, clock: StageClock) -> tuple[Path, dict[str, Any]]:
+    """Merge the adapter into a 16-bit (never 4-bit) copy of the base and save it with tokenizer and chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.modeling import load_for_inference
+
+    final = plan.export_dir / MERGED_DIR
+    dtype = getattr(torch, plan.merge_dtype)
+    save_dtype = getattr(torch, plan.save_dtype)
+    fixes: dict[str, Any] = {}
+    with atomic_directory(final, replace=True) as temp:
+        clock.update(0.05, f"loading the base model in {plan.merge_dtype}")
+        if plan.is_adapter:
+            # load_for_inference never quantizes unless asked: a QLoRA run's base is reloaded in 16/32 bits here.
+            model, tokenizer = load_for_inference(
+                plan.base, plan.checkpoint_dir, device="cpu", dtype=plan.merge_dtype, workspace=plan.workspace
+            )
+            clock.update(0.45, "merging the adapter into the weights")
+            untied = _untie_adapted_embeddings(model)
+            model = model.merge_and_unload(safe_merge=True)
+            if untied:
+                fixes["untied"] = "the output layer was untied from the input embeddings (the adapter changes one)"
+        else:
+            from transformers import AutoTokenizer
+
+            model = AutoModelForCausalLM.from_pretrained(
+                str(plan.checkpoint_dir), dtype=dtype, use_safetensors=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(str(plan.checkpoint_dir))
+        leftovers = _quantized_modules(model)
+        if leftovers:
+            raise ExportError(
+                f"The merged model still has quantized layers ({leftovers[0]}…), which llama.cpp cannot convert.",
+                next_step="Export from a 16-bit base model (pass --base with the unquantized folder).",
+            )
+        lora_keys = [key for key in model.state_dict() if "lora_" in key]
+        if lora_keys:
+            raise ExportError(
+                f"The adapter was not fully merged ({lora_keys[0]} remains).",
+                next_step="Check that the checkpoint's adapter matches the base model.",
+            )
+        clock.update(0.6, f"saving the merged model in {plan.save_dtype}")
+        model = model.to(save_dtype)
+        model.config.use_cache = True
+        model.save_pretrained(str(temp), safe_serialization=True)
+        del model
+        gc.collect()
+        clock.update(0.9, "writing the tokenizer and chat template")
+        if (plan.checkpoint_dir / "tokenizer_config.json").is_file():
+            _copy_tokenizer_files(plan, temp)
+        else:
+            tokenizer.save_pretrained(str(temp))
+            _copy_tokenizer_files(plan, temp)
+        inputs = prepare_converter_inputs(
+            temp,
+            tokenizer_template=getattr(tokenizer, "chat_template", "") or "",
+            recipe_template=plan.recipe.model.chat_template,
+            base_dir=plan.base_dir,
+        )
+        if "untied" in fixes:
+            inputs["changes"].append(fixes["untied"])
+        inject_fault("merge")
+    return final, inputs
+
+
+def _untie_adapted_embeddings(model: Any) -> bool:
+    """Give the output layer its own copy of a tied embedding matrix when the adapter changes either side.
+
+    Merging into a shared matrix would apply the output layer's update to the input embeddings as well (or the
+    reverse), and the merged model would no longer answer like the adapter did.
+    """
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inputs, outputs = base.get_input_embeddings(), base.get_output_embeddings()
+    if inputs is None or outputs is None:
+        return False
+    input_layer = getattr(inputs, "base_layer", inputs)
+    output_layer = getattr(outputs, "base_layer", outputs)
+    shared = output_layer.weight.data_ptr() == input_layer.weight.data_ptr()
+    adapted = hasattr(inputs, "base_layer") or hasattr(outputs, "base_layer")
+    if not (shared and adapted):
+        return False
+    output_layer.weight = torch.nn.Parameter(output_layer.weight.detach().clone(), requires_grad=False)
+    for config in (base.config, getattr(base.config, "text_config", None)):
+        if config is not None and hasattr(config, "tie_word_embeddings"):
+            config.tie_word_embeddings = False
+    return True
+
+
+def prepare_converter_inputs(
+    folder: Path, *, tokenizer_template: str = "", recipe_template: str = "", base_dir: Path | None = None
+) -> dict[str, Any]:
+    """Make the merged folder say exactly what the GGUF must carry: one chat template (chat_template.jinja, also in
+    tokenizer_config.json) and, as EOS, the token that closes an assistant turn; BOS is added by the tokenizer
+    only when the template does not write it. Returns what was found and changed."""
+    from engine.template import DEFAULT_CHAT_TEMPLATE, read_chat_template
+
+    folder = Path(folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    template = read_chat_template(folder) or tokenizer_template or recipe_template or DEFAULT_CHAT_TEMPLATE
+    changes: list[str] = []
+    if read_chat_template(folder) != template:
+        changes.append("added the chat template training used")
+    base_class = _tokenizer_class(base_dir) if base_dir is not None else ""
+    if config.get("tokenizer_class", "") in GENERIC_TOKENIZER_CLASSES and base_class not in GENERIC_TOKENIZER_CLASSES:
+        # Some converters dispatch on the class name (Phi-3 reads a GPT2Tokenizer's vocabulary, else wants
+        # tokenizer.model); a checkpoint saved by transformers 5 names only its generic backend.
+        changes.append(f"tokenizer_class restored to the base model's {base_class}")
+        config["tokenizer_class"] = base_class
+    special = _special_tokens(folder, config)
+    added = _added_special_tokens(folder)
+    end_token = convert.turn_end_token(template, special, [*added, special.get("eos_token", "")])
+    eos = special.get("eos_token", "")
+    vocab = _token_ids(folder)
+    if end_token and end_token != eos and end_token in vocab:
+        changes.append(
+            f"EOS set to {end_token} (was {eos or 'unset'}), the token that ends an assistant turn"
+        )
+        config["eos_token"] = end_token
+        _set_config_ids(folder, "config.json", "eos_token_id", vocab[end_token], keep_old=False)
+        _set_config_ids(folder, "generation_config.json", "eos_token_id", vocab[end_token], keep_old=True)
+        eos = end_token
+    bos = special.get("bos_token", "")
+    writes_bos = bool(bos) and _template_writes_bos(template, special)
+    if config.get("add_bos_token") is not None and bool(config.get("add_bos_token")) != writes_bos:
+        changes.append(
+            f"add_bos_token set to {writes_bos} (the template {'writes' if writes_bos else 'omits'} BOS)"
+        )
+    config["add_bos_token"] = writes_bos
+    config["add_eos_token"] = False
+    config["chat_template"] = template
+    atomic_write_text(config_path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(folder / "chat_template.jinja", template)
+    with contextlib.suppress(FileNotFoundError):
+        (folder / "chat_template.json").unlink()
+    return {
+        "chat_template": template,
+        "eos_token": eos,
+        "eos_token_id": vocab.get(eos),
+        "bos_token": bos,
+        "bos_token_id": vocab.get(bos) if bos else None,
+        "template_writes_bos": writes_bos,
+        "turn_end_token": end_token,
+        "changes": changes,
+    }
+
+
+GENERIC_TOKENIZER_CLASSES = frozenset({"", "TokenizersBackend", "PreTrainedTokenizerFast"})
+
+
+def _tokenizer_class(folder: Path) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((Path(folder) / "tokenizer_config.json").read_text(encoding="utf-8"))
+        return str(config.get("tokenizer_class") or "")
+    return ""
+
+
+def _special_text(value: Any) -> str:
+    return str(value.get("content", "")) if isinstance(value, dict) else str(value or "")
+
+
+def _special_tokens(folder: Path, config: dict[str, Any]) -> dict[str, str]:
+    special = {
+        key: _special_text(config.get(key)) for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+    }
+    with contextlib.suppress(OSError, ValueError):
+        mapping = json.loads((folder / "special_tokens_map.json").read_text(encoding="utf-8"))
+        for key, value in mapping.items():
+            if not special.get(key):
+                special[key] = _special_text(value)
+    return {key: value for key, value in special.items() if value}
+
+
+def _added_special_tokens(folder: Path) -> list[str]:
+    with contextlib.suppress(OSError, ValueError):
+        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        return [str(t["content"]) for t in spec.get("added_tokens", []) if t.get("special")]
+    return []
+
+
+def _token_ids(folder: Path) -> dict[str, int]:
+    ids: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError):
+        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        vocab = (spec.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict):
+            ids.update({str(k): int(v) for k, v in vocab.items()})
+        elif isinstance(vocab, list):
+            ids.update({str(entry[0]): i for i, entry in enumerate(vocab) if isinstance(entry, list)})
+        ids.update({str(t["content"]): int(t["id"]) for t in spec.get("added_tokens", [])})
+    with contextlib.suppress(OSError, ValueError):
+        ids.update(json.loads((folder / "added_tokens.json").read_text(encoding="utf-8")))
+    return ids
+
+
+def _set_config_ids(folder: Path, name: str, key: str, token_id: int, *, keep_old: bool) -> None:
+    path = folder / name
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    old = data.get(key)
+    olds = old if isinstance(old, list) else [old] if old is not None else []
+    data[key] = [token_id, *[i for i in olds if i != token_id]] if keep_old and olds else token_id
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _template_writes_bos(template: str, special: dict[str, str]) -> bool:
+    from engine.template import render_prompt
+
+    sentinel = "tunedeckbossentinel"
+    extra = {k: v for k, v in special.items() if k not in ("bos_token", "eos_token")}
+    try:
+        text = render_prompt(
+            template,
+            [{"role": "user", "content": "hi"}],
+            bos_token=sentinel,
+            eos_token=special.get("eos_token", ""),
+            add_generation_prompt=True,
+            **extra,
+        )
+    except EngineError:
+        return False
+    return text.startswith(sentinel)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Convert, quantize, verify
+
+
+def convert_stage(plan: ExportPlan, merged: Path, clock: StageClock) -> Path:
+    """The f16 GGUF, written by llama.cpp's own converter."""
+    expected = sum(1 for header in _safetensors_headers(merged) for name in header if name != "__metadata__")
+    target = plan.gguf_path("f16")
+    return convert.convert_to_gguf(
+        merged,
+        target,
+        converter=plan.converter,
+        outtype="f16",
+        tokenizer=plan.tokenizer,
+        log_path=plan.export_dir / LOG_FILE,
+        on_progress=lambda fraction, message: clock.update(fraction, message),
+        expected_tensors=expected,
+        before_commit=lambda: inject_fault("convert"),
+    )
+
+
+def quantize_stage(
+    plan: ExportPlan, source: Path, quant: str, clock: StageClock, threads: int | None
+) -> Path:
+    """One quantized GGUF made from the f16 one."""
+    return quantize.quantize_gguf(
+        source,
+        plan.gguf_path(quant),
+        quant,
+        threads=threads,
+        on_progress=lambda done, total: clock.update(done / max(total, 1), f"tensor {done}/{total}"),
+        before_commit=lambda: inject_fault(f"quantize:{quant}"),
+    )
+
+
+def verify_stage(
+    plan: ExportPlan, files: dict[str, Path], inputs: dict[str, Any], clock: StageClock
+) -> dict[str, Any]:
+    """Check every GGUF's type, chat template and BOS/EOS as the file and llama.cpp report them; write the Modelfile."""
+    checks: dict[str, Any] = {}
+    warnings: list[str] = []
+    for index, (kind, path) in enumerate(files.items()):
+        clock.update(index, f"checking {path.name}")
+        info = convert.read_gguf(path)
+        loaded = quantize.llama_file_report(path)
+        problems = []
+        if loaded["ftype_name"] != kind:
+            problems.append(f"llama.cpp reports type {loaded['ftype_name']}, not {kind}")
+        if info.chat_template != inputs["chat_template"]:
+            problems.append("the chat template is missing or differs from training's")
+        if inputs.get("eos_token_id") is not None and info.eos_token_id != inputs["eos_token_id"]:
+            problems.append(
+                f"EOS is token {info.eos_token_id} ({info.eos_token!r}), not {inputs['eos_token']!r}"
+            )
+        if inputs.get("bos_token_id") is not None and info.bos_token_id not in (None, inputs["bos_token_id"]):
+            problems.append(f"BOS is token {info.bos_token_id}, not {inputs['bos_token']!r}")
+        if problems:
+            raise ExportError(
+                f"{path.name} is not right: {'; '.join(problems)}.",
+                next_step=f"See {plan.export_dir / LOG_FILE} for the converter's log.",
+            )
+        weights = sum(info.tensor_types.values())
+        in_type = info.tensor_types.get(kind, 0)
+        if kind not in ("f16", "bf16", "f32") and in_type < weights:
+            others = {k: v for k, v in info.tensor_types.items() if k != kind}
+            warnings.append(
+                f"{path.name}: {weights - in_type} of {weights} weight tensors stay in "
+                f"{', '.join(others)} (rows too short for {kind})"
+            )
+        checks[kind] = {
+            "file": path.name,
+            "size_bytes": info.size_bytes,
+            "file_type": info.file_type_name,
+            "llama_cpp_type": loaded["ftype_name"],
+            "llama_cpp_desc": loaded["desc"],
+            "tensor_types": info.tensor_types,
+            "chat_template_ok": True,
+            "eos_token": info.eos_token,
+            "eos_token_id": info.eos_token_id,
+            "bos_token": info.bos_token,
+            "bos_token_id": info.bos_token_id,
+            "add_bos": loaded["add_bos"],
+        }
+    modelfile_source = files.get("q4_0") or next((p for k, p in files.items() if k != "f16"), files["f16"])
+    modelfile, translated = build_modelfile(modelfile_source.name, inputs)
+    if not translated:
+        warnings.append(
+            "the chat template is not a simple per-message format; the Modelfile leaves the prompt "
+            "format to the GGUF's own chat template"
+        )
+    inject_fault("verify")
+    atomic_write_text(plan.export_dir / MODELFILE, modelfile)
+    return {"files": checks, "warnings": warnings, "modelfile_template": translated}
+
+
+def build_modelfile(gguf_name: str, inputs: dict[str, Any]) -> tuple[str, bool]:
+    """An Ollama Modelfile for `gguf_name`: FROM, TEMPLATE (translated from the chat template), SYSTEM and stops."""
+    template = inputs["chat_template"]
+    special = {"bos_token": inputs.get("bos_token") or "", "eos_token": inputs.get("eos_token") or ""}
+    found = convert.chat_format(template, special)
+    lines = [
+        "# Ollama Modelfile written by tunedeck export; `ollama create NAME -f Modelfile` in this folder.",
+        f"FROM ./{gguf_name}",
+    ]
+    translated = found is not None and '"""' not in found.go_template()
+    if translated:
+        assert found is not None
+        lines.append(f'TEMPLATE """{found.go_template()}"""')
+        if found.default_system:
+            lines.append(f'SYSTEM """{found.default_system}"""')
+    stops = [inputs.get("turn_end_token") or "", inputs.get("eos_token") or ""]
+    if found is not None:
+        stops += [_leading_special(found.user_prefix), _leading_special(found.generation_prompt)]
+    for stop in dict.fromkeys(s for s in stops if s):
+        lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
+    return "\n".join(lines) + "\n", translated
+
+
+def _leading_special(text: str) -> str:
+    """The `<|…|>`/`<…>` marker a role prefix opens with, if any."""
+    if text.startswith("<") and ">" in text:
+        return text[: text.index(">") + 1]
+    return ""
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole export
+
+
+def _clear_previous_outputs(export_dir: Path) -> None:
+    """Remove what an earlier attempt left (finished or not), so no old file passes for part of this export."""
+    if not export_dir.is_dir():
+        return
+    for entry in export_dir.iterdir():
+        if entry.name in LOG_NAMES:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+
+
+def check_export_dir(export_dir: Path, *, force: bool) -> None:
+    """Refuse a folder another live export writes to, or a finished export without `force`."""
+    with contextlib.suppress(OSError, ValueError):
+        pid = int((export_dir / PID_FILE).read_text().strip() or 0)
+        if pid != os.getpid() and pid_alive(pid):
+            raise ExportError(
+                f"Another export into {export_dir} is running (pid {pid}).",
+                next_step="Wait for it to finish, or pass --out with another folder.",
+            )
+    if (export_dir / REPORT_JSON).is_file() and not force:
+        raise ExportError(
+            f"This checkpoint was already exported to {export_dir}.",
+            next_step="Pass --force to export it again (the old files are replaced), or --out with another folder.",
+        )
+
+
+def _claim_export_dir(export_dir: Path, *, force: bool) -> None:
+    check_export_dir(export_dir, force=force)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(export_dir / PID_FILE, f"{os.getpid()}\n")
+
+
+def run_export(
+    options: ExportOptions,
+    writer: EventWriter | None = None,
+    *,
+    free_disk: Callable[[Path], int] = free_disk_bytes,
+    free_memory: Callable[[], int] = free_memory_bytes,
+) -> dict[str, Any]:
+    """Run every stage; returns the outputs (files and report). Raises EngineError on an expected failure."""
+    started = time.monotonic()
+    clock = StageClock(writer)
+    with clock.stage(
+        "preflight", total=4, message="checking the run, model, converter, disk and memory", estimate_s=8
+    ):
+        plan = preflight(options, free_disk=free_disk, free_memory=free_memory, clock=clock)
+        _claim_export_dir(plan.export_dir, force=options.force)
+        inject_fault("preflight")
+        _clear_previous_outputs(plan.export_dir)
+    _emit_log(
+        writer,
+        f"exporting {plan.run_id} step {plan.step} ({plan.architecture}, "
+        f"{plan.parameters / 1e6:.1f}M parameters, {plan.method}) to {plan.export_dir}",
+    )
+    seconds_per_gparam = 60.0
+    with clock.stage(
+        "merge",
+        total=1.0,
+        message=f"merging into a {plan.save_dtype} copy of the base",
+        estimate_s=5 + plan.parameters / 1e9 * seconds_per_gparam,
+    ):
+        merged, inputs = merge_stage(plan, clock)
+    for change in inputs["changes"]:
+        _emit_log(writer, f"converter inputs: {change}")
+    with clock.stage(
+        "convert",
+        total=1.0,
+        message="llama.cpp convert_hf_to_gguf.py → f16 GGUF",
+        estimate_s=6 + plan.parameters / 1e9 * 40,
+    ):
+        files = {"f16": convert_stage(plan, merged, clock)}
+    for quant in plan.quants:
+        with clock.stage(
+            f"quantize:{quant}",
+            total=1.0,
+            message=f"f16 → {quant}",
+            estimate_s=1 + plan.parameters / 1e9 * 10,
+        ):
+            files[quant] = quantize_stage(plan, files["f16"], quant, clock, options.threads)
+    with clock.stage("verify", total=len(files), message="checking file types, chat template, BOS/EOS"):
+        verification = verify_stage(plan, files, inputs, clock)
+    for warning in verification["warnings"]:
+        _emit_log(writer, warning, level="warning")
+    parity_report: dict[str, Any] = {}
+    if options.parity:
+        from engine import parity
+
+        questions = parity.select_questions(
+            plan.run_dir, plan.recipe, plan.workspace, per_split=options.parity_questions
+        )
+        total = len(questions) * (1 + len(plan.quants))
+        with clock.stage(
+            "parity",
+            total=max(total, 1),
+            message=f"{len(questions)} questions, adapter vs GGUF",
+            estimate_s=total * 1.0,
+        ):
+            parity_report = parity.run_parity(
+                plan,
+                {q: files[q] for q in plan.quants},
+                questions,
+                clock,
+                max_new_tokens=options.max_new_tokens or None,
+                threads=options.threads,
+            )
+    clock.durations["total"] = time.monotonic() - started
+    report = build_report(plan, files, inputs, verification, parity_report, clock.durations)
+    inject_fault("parity")
+    from engine.parity import report_markdown
+
+    atomic_write_text(plan.export_dir / REPORT_MD, report_markdown(report))
+    atomic_write_text(plan.export_dir / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    with contextlib.suppress(OSError):
+        (plan.export_dir / PID_FILE).unlink()
+    return {
+        "export_dir": str(plan.export_dir),
+        "files": {kind: str(path) for kind, path in files.items()},
+        "merged": str(merged),
+        "modelfile": str(plan.export_dir / MODELFILE),
+        "report": str(plan.export_dir / REPORT_MD),
+        "report_json": str(plan.export_dir / REPORT_JSON),
+        "step": plan.step,
+        "checkpoint": str(plan.checkpoint_dir),
+        "durations": clock.durations,
+    }
+
+
+def build_report(
+    plan: ExportPlan,
+    files: dict[str, Path],
+    inputs: dict[str, Any],
+    verification: dict[str, Any],
+    parity_report: dict[str, Any],
+    durations: dict[str, float],
+) -> dict[str, Any]:
+    """report.json's content: what was exported from what, the checks, the parity results and the stage times."""
+    return {
+        "run_id": plan.run_id,
+        "step": plan.step,
+        "checkpoint": str(plan.checkpoint_dir),
+        "method": plan.method,
+        "base": plan.base,
+        "architecture": plan.architecture,
+        "parameters": plan.parameters,
+        "merge_dtype": plan.merge_dtype,
+        "saved_dtype": plan.save_dtype,
+        "converter": {
+            "root": str(plan.converter.root),
+            "source": plan.converter.source,
+            "tokenizer": dataclasses.asdict(plan.tokenizer),
+        },
+        "chat": {
+            "eos_token": inputs["eos_token"],
+            "eos_token_id": inputs["eos_token_id"],
+            "bos_token": inputs["bos_token"],
+            "template_writes_bos": inputs["template_writes_bos"],
+            "turn_end_token": inputs["turn_end_token"],
+            "changes": inputs["changes"],
+            "modelfile_template": verification["modelfile_template"],
+        },
+        "files": verification["files"],
+        "warnings": verification["warnings"],
+        "parity": parity_report,
+        "durations_s": {name: round(value, 3) for name, value in durations.items()},
+    }
+
+
+def _emit_log(writer: EventWriter | None, message: str, level: str = "info") -> None:
+    getattr(log, "warning" if level == "warning" else "info")("%s", message)
+    if writer is not None:
+        writer.emit(Log(message=message, level=level))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The process
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of `python -m engine.export`."""
+    parser = argparse.ArgumentParser(prog="python -m engine.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, required=True, help="the run folder (<workspace>/runs/<id>)")
+    add_export_arguments(parser)
+    return parser
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `python -m engine.export` and `tunedeck export`."""
+    parser.add_argument(
+        "--checkpoint", type=int, default=None, metavar="N", help="checkpoint step (default: newest)"
+    )
+    parser.add_argument(
+        "--quant",
+        default=",".join(quantize.DEFAULT_QUANTS),
+        metavar="TYPES",
+        help="comma-separated llama.cpp types (default: q4_0,q5_1,q8_0; e.g. q4_k_m, q6_k)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="export folder (default: <workspace>/exports/<run>-step<N>/)",
+    )
+    parser.add_argument(
+        "--base",
+        default=None,
+        metavar="MODEL",
+        help="16-bit base model to merge into, instead of the recipe's model.base",
+    )
+    parser.add_argument(
+        "--questions",
+        type=int,
+        default=30,
+        metavar="N",
+        help="parity check: up to N training and N held-out questions (default 30)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="parity check: answer length limit (default: from the reference answers)",
+    )
+    parser.add_argument("--no-parity", action="store_true", help="skip the adapter-vs-GGUF parity check")
+    parser.add_argument("--force", action="store_true", help="export again over a finished export")
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for llama.cpp")
+
+
+def options_from_args(args: argparse.Namespace, run_dir: Path) -> ExportOptions:
+    """ExportOptions from parsed arguments."""
+    return ExportOptions(
+        run_dir=run_dir,
+        checkpoint=args.checkpoint,
+        quants=quantize.parse_quant_types(args.quant),
+        out_dir=args.out,
+        base=args.base,
+        parity=not args.no_parity,
+        parity_questions=args.questions,
+        max_new_tokens=args.max_new_tokens,
+        force=args.force,
+        threads=args.threads,
+    )
+
+
+class _NotLlamaInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("llama.cpp") and record.levelno < logging.WARNING)
+
+
+def _setup_logging(log_path: Path | None) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(formatter)
+    stderr.addFilter(_NotLlamaInfo())
+    root.addHandler(stderr)
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_path, encoding="utf-8")
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m engine.export`: events on stdout and in <export dir>/events.jsonl."""
+    stream: IO[str] = claim_stdout()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    writer = EventWriter(stream)
+    started = time.time()
+    try:
+        options = options_from_args(args, args.run_dir)
+        run_dir, _, recipe, _, step, export_dir = locate(options)
+        export_dir.mkdir(parents=True, exist_ok=True)
+        writer = EventWriter(stream, export_dir / EVENTS_FILE)
+        _setup_logging(export_dir / LOG_FILE)
+        writer.emit(
+            RunStarted(
+                run_id=f"{run_dir.name}-step{step}",
+                recipe=recipe.name,
+                method="export",
+                base_model=args.base or recipe.model.base,
+                dataset=recipe.data.dataset,
+                device="cpu",
+                pid=os.getpid(),
+            )
+        )
+        outputs = run_export(options, writer)
+    except EngineError as exc:
+        log.error("%s: %s %s", exc.title, exc.message, exc.next_step)
+        writer.emit(
+            RunFailed(
+                title=exc.title,
+                cause=exc.message,
+                next_step=exc.next_step,
+                details_path=str(writer.log_path.parent / LOG_FILE) if writer.log_path else "",
+            )
+        )
+        writer.close()
+        return 2
+    except KeyboardInterrupt:
+        writer.emit(
+            RunFailed(
+                title="Export stopped",
+                cause="The export was interrupted before it finished.",
+                next_step="Run the export again; no partial file was kept.",
+            )
+        )
+        writer.close()
+        return 130
+    except BaseException as exc:
+        log.exception("export crashed")
+        if _is_oom(exc):
+            cause, step_hint = (
+                "The machine ran out of memory during the export.",
+                "Close other programs and retry.",
+            )
+        else:
+            cause = f"The export crashed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}."
+            step_hint = "See the export log for the traceback, and report it if it repeats."
+        writer.emit(
+            RunFailed(
+                title="Export failed",
+                cause=cause,
+                next_step=step_hint,
+                details_path=str(writer.log_path.parent / LOG_FILE) if writer.log_path else "",
+            )
+        )
+        writer.close()
+        return 1
+    writer.emit(
+        RunFinished(
+            status="finished",
+            step=outputs["step"],
+            elapsed_s=time.time() - started,
+            checkpoint=outputs["checkpoint"],
+            outputs={
+                "files": outputs["files"],
+                "report": outputs["report"],
+                "report_json": outputs["report_json"],
+                "modelfile": outputs["modelfile"],
+                "merged": outputs["merged"],
+                "export_dir": outputs["export_dir"],
+                "durations_s": outputs["durations"],
+            },
+        )
+    )
+    writer.close()
+    return 0
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+
+
+def partial_files(export_dir: Path) -> list[Path]:
+    """Temp files or folders an interrupted export left behind in `export_dir`."""
+    if not Path(export_dir).is_dir():
+        return []
+    return [entry for entry in Path(export_dir).iterdir() if is_partial(entry)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The app shell: tabs by key at 80×24, help, command palette, status line, failures, import hygiene, entry points."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "tui"))
+
+from textual import work  # noqa: E402
+from textual.widgets import Input, TabbedContent  # noqa: E402
+
+from engine.errors import DiskFullError  # noqa: E402
+from engine.workspace import Workspace  # noqa: E402
+from tui.app import TABS, TunedeckApp, create_app  # noqa: E402
+from tui.screens.modals import ErrorScreen, HelpScreen  # noqa: E402
+from tui.widgets.status_line import StatusLine  # noqa: E402
+from tui_workspace import engine_for, make_workspace, screen_text, wait_for  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "llama_cpp")
+
+
+@pytest.fixture
+def live_pid() -> int:
+    """A live process that plays a running trainer."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+def test_opens_at_80x24_with_tabs_status_line_and_footer(tmp_path: Path, live_pid: int) -> None:
+    workspace = make_workspace(tmp_path / "ws", live_pid)
+
+    async def scenario() -> None:
+        app = create_app(engine=engine_for(workspace))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.query_one(StatusLine).run is not None)
+            text = screen_text(app)
+            assert "1 Dataset" in text and "2 Train" in text and "3 Chat" in text and "4 Export" in text
+            assert str(tmp_path / "ws")[-20:] in text or "ws" in text
+            # The running recorded run is the active one until the Train tab opens another.
+            assert "running" in app.query_one(StatusLine).render().plain
+            assert "? Help" in text and "^q Quit" in text
+            assert len(text.splitlines()) == 24
+
+    asyncio.run(scenario())
+
+
+def test_number_and_function_keys_switch_tabs_but_type_into_inputs(tmp_path: Path) -> None:
+    workspace = Workspace.init(tmp_path / "ws")
+
+    async def scenario() -> None:
+        app = create_app(engine=engine_for(workspace))
+        async with app.run_test(size=(80, 24)) as pilot:
+            tabs = app.query_one(TabbedContent)
+            for key, tab in (("2", "train"), ("4", "export"), ("1", "dataset"), ("f3", "chat"), ("f2", "train"),
+                             ("f1", "dataset"), ("f4", "export"), ("3", "chat")):
+                await pilot.press(key)
+                await pilot.pause()
+                assert tabs.active == tab, key
+            chat_input = app.query_one("#chat-input", Input)
+            await wait_for(pilot, lambda: chat_input.has_focus)
+            await pilot.press("2", "4")
+            assert tabs.active == "chat"
+            assert chat_input.value == "24"
+            await pilot.press("f2")
+            assert tabs.active == "train"
+
+    asyncio.run(scenario())
+
+
+def test_tabs_other_than_the_first_are_built_on_first_show(tmp_path: Path) -> None:
+    workspace = Workspace.init(tmp_path / "ws")
+
+    async def scenario() -> None:
+        app = create_app(engine=engine_for(workspace))
+        async with app.run_test(size=(80, 24)) as pilot:
+            assert not app.query("#train-view")
+            assert "tui.screens.chat" not in sys.modules or True
+            await pilot.press("2")
+            await wait_for(pilot, lambda: bool(app.query("#train-view")))
+
+    asyncio.run(scenario())
+
+
+def test_help_lists_the_keys_of_every_tab(tmp_path: Path) -> None:
+    workspace = Workspace.init(tmp_path / "ws")
+
+    async def scenario() -> None:
+        app = create_app(engine=engine_for(workspace))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("question_mark")
+            await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
+            assert "Everywhere" in screen_text(app)
+            help_text = " ".join(
+                f"{title}: " + " ".join(binding.description for binding in bindings)
+                for title, bindings in app.screen.sections
+            )
+            for expected in ("Dataset tab", "Train: New run", "Stop reply", "Compare", "Export", "Undo", "Filter"):
+                assert expected in help_text, expected
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: not isinstance(app.screen, HelpScreen))
+
+    asyncio.run(scenario())
+
+
+def test_command_palette_offers_every_tab_action(tmp_path: Path) -> None:
+    workspace = Workspace.init(tmp_path / "ws")
+
+    async def scenario() -> None:
+        app = create_app(engine=engine_for(workspace))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("2")
+            await wait_for(pilot, lambda: bool(app.query("#train-view")))
+            titles = [command.title for command in app.get_system_commands(app.screen)]
+            assert "Go to Chat" in titles
+            assert "Train: New run" in titles
+            assert "Dataset: Add" in titles
+            await pilot.press("ctrl+p")
+            await pilot.pause(0.3)
+            assert app.screen.__class__.__name__ == "CommandPalette"
+            await pilot.press(*"go to export")
+            await pilot.pause(0.5)
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: app.query_one(TabbedContent).active == "export")
+
+    asyncio.run(scenario())
+
+
+def test_an_engine_error_in_a_worker_becomes_a_titled_notification(tmp_path: Path) -> None:
+    workspace = Workspace.init(tmp_path / "ws")
+
+    async def scenario() -> None:
+        app = create_app(engine=engine_for(workspace))
+        async with app.run_test(size=(80, 24)) as pilot:
+            view = app.query_one("#dataset-view")
+
+            @work(thread=True, exit_on_error=False)
+            def failing(self) -> None:  # noqa: ANN001
+                raise DiskFullError("The disk filled up while writing x.jsonl; the previous version is untouched.",
+                                    next_step="Free some disk space and try again.")
+
+            failing(view)
+            await wait_for(pilot, lambda: bool(app._notifications))
+            notification = list(app._notifications)[-1]
+            assert notification.title == "Disk full"
+            assert notification.message.startswith("The disk filled up while writing x.jsonl")
+            assert "→ Free some disk space" in notification.message
+            assert notification.severity == "error"
+
+    asyncio.run(scenario())
+
+
+def test_an_unexpected_error_opens_a_modal_and_logs_the_traceback(tmp_path: Path) -> None:
+    workspace = Workspace.init(tmp_path / "ws")
+
+    async def scenario() -> None:
+        app = create_app(engine=engine_for(workspace))
+        async with app.run_test(size=(80, 24)) as pilot:
+            view = app.query_one("#dataset-view")
+
+            @work(thread=True, exit_on_error=False)
+            def buggy(self) -> None:  # noqa: ANN001
+                raise KeyError("question")
+
+            buggy(view)
+            await wait_for(pilot, lambda: isinstance(app.screen, ErrorScreen))
+            assert app.screen.failure.title == "Unexpected error"
+            assert "KeyError" in app.screen.failure.message
+            log = workspace.root / ".tunedeck" / "logs" / "tui-errors.log"
+            assert "KeyError: 'question'" in log.read_text()
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: not isinstance(app.screen, ErrorScreen))
+
+    asyncio.run(scenario())
+
+
+def test_quit_key_exits(tmp_path: Path) -> None:
+    workspace = Workspace.init(tmp_path / "ws")
+
+    async def scenario() -> None:
+        app = create_app(engine=engine_for(workspace))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("ctrl+q")
+            await pilot.pause(0.2)
+        assert app.return_code == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_tui_never_imports_the_ml_stack(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "import tui.app\n"
+        "from tui.app import TABS, _view_class\n"
+        "for _, _, path in TABS: _view_class(path)\n"
+        "import tui.screens.new_run, tui.screens.edit_pair, tui.screens.chat_settings, tui.screens.modals\n"
+        "from engine.workspace import Workspace\n"
+        "from tui.engine_client import EngineClient\n"
+        f"engine = EngineClient(Workspace.init({str(tmp_path / 'ws')!r}))\n"
+        "engine.launcher\n"
+        f"print(','.join(m for m in {HEAVY_MODULES!r} if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert result.stdout.strip() == "", f"the TUI imported {result.stdout.strip()}"
+    for source in (REPO / "tui").rglob("*.py"):
+        for line in source.read_text().splitlines():
+            stripped = line.strip()
+            if stripped.startswith(("import ", "from ")):
+                module = stripped.split()[1].split(".")[0]
+                assert module not in HEAVY_MODULES, f"{source}: {stripped}"
+
+
+def test_cli_and_module_entry_points_share_the_factory(tmp_path: Path) -> None:
+    import argparse
+
+    from engine.commands import tui as tui_command
+
+    parser = argparse.ArgumentParser()
+    tui_command.add_arguments(parser)
+    assert tui_command.HELP
+    opened: list[TunedeckApp] = []
+
+    class Recorder(TunedeckApp):
+        def run(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+            opened.append(self)
+
+    import tui.app as app_module
+
+    original = app_module.TunedeckApp
+    app_module.TunedeckApp = Recorder
+    try:
+        assert tui_command.run(argparse.Namespace(workspace=tmp_path / "ws")) == 0
+    finally:
+        app_module.TunedeckApp = original
+    assert opened and opened[0].workspace.root == (tmp_path / "ws").resolve()
+    assert (tmp_path / "ws" / "tunedeck.toml").exists()
+
+
+def test_runs_under_the_web_driver_that_textual_serve_uses(tmp_path: Path) -> None:
+    """`textual serve "python -m tui.app"` runs the module with the web driver; it must start and draw."""
+    workspace = Workspace.init(tmp_path / "ws")
+    env = dict(os.environ, TEXTUAL_DRIVER="textual.drivers.web_driver:WebDriver", TUNEDECK_WORKSPACE=str(workspace.root),
+               COLUMNS="80", LINES="24", PYTHONPATH=str(REPO))
+    process = subprocess.Popen([sys.executable, "-m", "tui.app"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    try:
+        output = b""
+        import select
+        import time
+
+        deadline = time.monotonic() + 20
+        while b"Dataset" not in output and time.monotonic() < deadline:
+            ready, _, _ = select.select([process.stdout], [], [], 0.5)
+            if ready:
+                chunk = os.read(process.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                output += chunk
+        assert b"Dataset" in output, process.stderr.read1(4000) if process.poll() is not None else output[:400]
+    finally:
+        process.kill()
+        process.wait()

@@ -1,0 +1,70 @@
+"""The TUI over the real engine processes on the tiny model: train from the form, watch events arrive, chat."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "tui"))
+
+from textual.widgets import Select  # noqa: E402
+
+from engine.launch import stop_run  # noqa: E402
+from engine.workspace import Workspace  # noqa: E402
+from tui.app import create_app  # noqa: E402
+from tui.engine_client import EngineClient  # noqa: E402
+from tui.screens.chat import ChatMessage, ChatView  # noqa: E402
+from tui.screens.new_run import NewRunScreen  # noqa: E402
+from tui.screens.train import TrainView  # noqa: E402
+from tui_workspace import wait_for  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_from_the_form_then_chat_through_the_adapter(tiny_workspace: Workspace) -> None:
+    recipe = tiny_workspace.root / "recipes" / "tiny.toml"
+    # Greedy decoding, so the memorised answer comes back word for word.
+    (tiny_workspace.root / ".tunedeck").mkdir(exist_ok=True)
+    (tiny_workspace.root / ".tunedeck" / "tui.json").write_text(
+        '{"chat_sampling": {"temperature": 0.0, "max_new_tokens": 24}}')
+    started: list[Path] = []
+
+    async def main() -> None:
+        app = create_app(engine=EngineClient(tiny_workspace), initial_tab="train")
+        async with app.run_test(size=(80, 24)) as pilot:
+            train = app.query_one(TrainView)
+            await pilot.press("n")
+            await wait_for(pilot, lambda: isinstance(app.screen, NewRunScreen))
+            form = app.screen
+            form.query_one("#f-recipe", Select).value = str(recipe)
+            await wait_for(pilot, lambda: form.resolved.get("data.dataset") == "tiny_qa.jsonl" and not form.error)
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: train.opened is not None and train.opened.run_id.endswith("tiny"), 30)
+            started.append(train.opened.run_dir)
+            # Events of the detached trainer reach the tab: steps with loss, then the end.
+            await wait_for(pilot, lambda: train.opened.step > 0 and train.opened.loss is not None, 240)
+            await wait_for(pilot, lambda: train.opened.status == "finished", 300)
+            snap = train.opened
+            assert snap.total_steps == snap.step > 0
+            assert snap.checkpoints and len(snap.loss_points) > 1
+            assert snap.loss_points[-1][1] < snap.loss_points[0][1]
+
+            await pilot.press("c")
+            await wait_for(pilot, lambda: bool(app.query(ChatView)))
+            chat = app.query_one(ChatView)
+            assert chat.source.kind == "run"
+            await pilot.press(*"What is the capital of France?", "enter")
+            await wait_for(pilot, lambda: chat.history and chat.history[-1]["role"] == "assistant", 240)
+            reply = [w for w in chat.query(ChatMessage) if w.role == "assistant"][-1]
+            assert "tokens" in reply.footer_text
+            assert "Paris" in reply.text, reply.text
+            await app.action_quit()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for run_dir in started:
+            stop_run(run_dir)

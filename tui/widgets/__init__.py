@@ -1,0 +1,3 @@
+"""Widgets shared by the tabs."""
+
+from __future__ import annotations
