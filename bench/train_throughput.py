@@ -1,12 +1,16 @@
 """Side-by-side QLoRA training throughput on one GPU: the seeds' recipe, Unsloth, and tunedeck's engine.
 
-One invocation builds a random-init model of a given shape (7B Llama by default), draws synthetic QA-shaped data with
-a fixed seed, and trains every arm in its own subprocess (Unsloth patches transformers globally) on 16 samples per
-optimizer step. Each arm reports real (non-pad) tokens/s over the steps after warm-up, peak GPU memory, MFU, and its
+One invocation builds a random-init model of a given shape (7B Llama by default), draws synthetic QA-shaped
+data with
+a fixed seed, and trains every arm in its own subprocess (Unsloth patches transformers globally) on 16
+samples per
+optimizer step. Each arm reports real (non-pad) tokens/s over the steps after warm-up, peak GPU memory, MFU,
+and its
 per-step losses; the parent writes results.json / results.md with the ratios and the loss agreement.
 
     python bench/train_throughput.py --out /tmp/bench                   # all arms, 7B shape, needs a CUDA GPU
-    python bench/train_throughput.py --out /tmp/b --shape tiny --arms seeds,engine-baseline,engine   # CPU smoke
+    python bench/train_throughput.py --out /tmp/b --shape tiny --arms seeds,engine-baseline,engine   # CPU
+    smoke
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import itertools
 import json
 import math
 import os
@@ -33,16 +38,28 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 SHAPES = {
-    "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=32),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=4),
+    "7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    ),
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ARM_TITLES = {
     "seeds": "(a) seeds' recipe: HF Trainer + peft + bnb, padded batches of 4 × accumulation 4, random order",
     "unsloth": "(b) Unsloth: batches of 16 grouped by length, its gradient checkpointing, LoRA dropout 0",
-    "engine-baseline": "(c0) tunedeck recipe through the plain HF forward: padded batch of 16 grouped by length",
+    "engine-baseline": "(c0) tunedeck recipe through the plain HF forward: padded batch of 16, grouped",
     "engine": "(c) tunedeck engine packed path (engine/fast.py): padding-free packs, varlen flash attention",
 }
 DEFAULT_ARMS = "engine,unsloth,seeds,engine-baseline"
@@ -51,21 +68,27 @@ LEARNING_RATE = 2e-4
 SEED = 42
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Shared helpers
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def param_count(shape: dict[str, int]) -> int:
     """Parameters of the bf16 model (embeddings, lm_head, layers, norms): the N in 6·N·tokens."""
-    h, i, v, layers = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"], shape["num_hidden_layers"]
+    h, i, v, layers = (
+        shape["hidden_size"],
+        shape["intermediate_size"],
+        shape["vocab_size"],
+        shape["num_hidden_layers"],
+    )
     kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
     return 2 * v * h + layers * per_layer + h
 
 
 def make_data(shape: str, steps: int, samples_per_step: int, seed: int) -> dict[str, Any]:
-    """QA-like samples: prompt 20–300 and answer 20–600 tokens (log-uniform), capped at 1,024; Zipf token ids."""
+    """QA-like samples: prompt 20–300 and answer 20–600 tokens (log-uniform), capped at 1,024; Zipf token
+    ids."""
     from engine.fast import length_grouped_steps
 
     rng = random.Random(seed)
@@ -85,18 +108,19 @@ def make_data(shape: str, steps: int, samples_per_step: int, seed: int) -> dict[
     lengths = [len(s["ids"]) for s in samples]
     order = list(range(len(samples)))
     random.Random(seed + 1).shuffle(order)
-    random_steps = [order[k:k + samples_per_step] for k in range(0, len(order), samples_per_step)]
+    random_steps = [order[k : k + samples_per_step] for k in range(0, len(order), samples_per_step)]
     grouped_steps = length_grouped_steps(lengths, samples_per_step, seed=seed + 2)
     return {"samples": samples, "random_steps": random_steps, "grouped_steps": grouped_steps}
 
 
 def labels_of(sample: dict[str, Any]) -> list[int]:
     """Labels with the prompt masked: loss on answer tokens only."""
-    return [-100] * sample["prompt_len"] + sample["ids"][sample["prompt_len"]:]
+    return [-100] * sample["prompt_len"] + sample["ids"][sample["prompt_len"] :]
 
 
 class MemorySampler:
-    """Samples device-wide used memory (cudaMemGetInfo) in a thread: counts what torch's allocator does not see,
+    """Samples device-wide used memory (cudaMemGetInfo) in a thread: counts what torch's allocator does not
+    see,
     such as the paged optimizer's managed memory and the CUDA context."""
 
     def __init__(self, interval_s: float = 0.02) -> None:
@@ -123,8 +147,14 @@ class MemorySampler:
         self._thread.join()
 
 
-def summarize_steps(step_times: list[float], step_tokens: list[int], losses: list[float], warmup: int,
-                    shape: str, extra: dict[str, Any]) -> dict[str, Any]:
+def summarize_steps(
+    step_times: list[float],
+    step_tokens: list[int],
+    losses: list[float],
+    warmup: int,
+    shape: str,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     """Throughput over the steps after warm-up, plus MFU under the 6·N·tokens convention."""
     timed_time = sum(step_times[warmup:])
     timed_tokens = sum(step_tokens[warmup:])
@@ -147,7 +177,7 @@ def summarize_steps(step_times: list[float], step_tokens: list[int], losses: lis
 
 
 def memory_fields(torch: Any, sampler: MemorySampler | None) -> dict[str, Any]:
-    gib = 1024 ** 3
+    gib = 1024**3
     if not torch.cuda.is_available():
         return {}
     return {
@@ -157,9 +187,9 @@ def memory_fields(torch: Any, sampler: MemorySampler | None) -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Model building
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def build_model(model_dir: Path, shape: str) -> dict[str, Any]:
@@ -175,11 +205,18 @@ def build_model(model_dir: Path, shape: str) -> dict[str, Any]:
     words.update({f"t{i}": i for i in range(len(specials), vocab)})
     tokenizer = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096 if shape == "7b" else 256,
-                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         tie_word_embeddings=False)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    config = LlamaConfig(
+        **SHAPES[shape],
+        max_position_embeddings=4096 if shape == "7b" else 256,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
@@ -191,31 +228,47 @@ def build_model(model_dir: Path, shape: str) -> dict[str, Any]:
         torch.set_default_dtype(previous)
     model.save_pretrained(model_dir)
     fast.save_pretrained(model_dir)
-    return {"build_s": round(time.perf_counter() - started, 1), "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "build_s": round(time.perf_counter() - started, 1),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def load_4bit(model_dir: Path, torch: Any) -> Any:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     cuda = torch.cuda.is_available()
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
+    )
     return AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=quant, dtype=torch.bfloat16 if cuda else torch.float32,
-        device_map={"": 0} if cuda else "cpu", attn_implementation="sdpa",
+        model_dir,
+        quantization_config=quant,
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        device_map={"": 0} if cuda else "cpu",
+        attn_implementation="sdpa",
     )
 
 
 def lora_config(dropout: float) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=64, lora_alpha=16, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none",
-                      task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=64,
+        lora_alpha=16,
+        lora_dropout=dropout,
+        target_modules=LORA_TARGETS,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Arms run by the HF Trainer: (a) seeds, (b) unsloth
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class _ListDataset:
@@ -267,11 +320,23 @@ def run_trainer_arm(arm: str, args: argparse.Namespace, data: dict[str, Any]) ->
     if arm == "unsloth":
         from unsloth import FastLanguageModel
 
-        model, _ = FastLanguageModel.from_pretrained(str(args.model_dir), load_in_4bit=True, dtype=torch.bfloat16,
-                                                     max_seq_length=1024, local_files_only=True)
-        model = FastLanguageModel.get_peft_model(model, r=64, lora_alpha=16, lora_dropout=0,
-                                                 target_modules=LORA_TARGETS, bias="none",
-                                                 use_gradient_checkpointing="unsloth", random_state=SEED)
+        model, _ = FastLanguageModel.from_pretrained(
+            str(args.model_dir),
+            load_in_4bit=True,
+            dtype=torch.bfloat16,
+            max_seq_length=1024,
+            local_files_only=True,
+        )
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=64,
+            lora_alpha=16,
+            lora_dropout=0,
+            target_modules=LORA_TARGETS,
+            bias="none",
+            use_gradient_checkpointing="unsloth",
+            random_state=SEED,
+        )
     else:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -295,8 +360,9 @@ def run_trainer_arm(arm: str, args: argparse.Namespace, data: dict[str, Any]) ->
                 torch.cuda.synchronize()
             marks.append(time.perf_counter())
 
-        def on_log(self, _args: Any, _state: Any, _control: Any, logs: dict[str, Any] | None = None,
-                   **k: Any) -> None:
+        def on_log(
+            self, _args: Any, _state: Any, _control: Any, logs: dict[str, Any] | None = None, **k: Any
+        ) -> None:
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
@@ -330,29 +396,48 @@ def run_trainer_arm(arm: str, args: argparse.Namespace, data: dict[str, Any]) ->
         def _get_train_sampler(self, *a: Any, **k: Any) -> Any:
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
-    trainer = OrderedTrainer(model=model, args=training_args, train_dataset=_ListDataset(rows),
-                             data_collator=pad_collator(0), callbacks=[Timing()])
+    trainer = OrderedTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=_ListDataset(rows),
+        data_collator=pad_collator(0),
+        callbacks=[Timing()],
+    )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     sampler = MemorySampler() if cuda else None
     with sampler or contextlib.nullcontext():
         trainer.train()
-    step_times = [b - a for a, b in zip(marks, marks[1:], strict=False)]
-    padded = [sum(math.ceil(max(len(samples[i]["ids"]) for i in step[k:k + micro]) / 8) * 8 * len(step[k:k + micro])
-                  for k in range(0, len(step), micro)) for step in steps_order]
-    return summarize_steps(step_times, step_tokens, losses, args.warmup, args.shape, {
-        "load_s": round(load_s, 1),
-        "padding_fraction": round(1 - sum(step_tokens) / max(1, sum(padded)), 3),
-        "micro_batch": micro,
-        "grad_accum": 16 // micro,
-        "lora_dropout": 0.0 if arm == "unsloth" else 0.1,
-        **memory_fields(torch, sampler),
-    })
+    step_times = [b - a for a, b in itertools.pairwise(marks)]
+    padded = [
+        sum(
+            math.ceil(max(len(samples[i]["ids"]) for i in step[k : k + micro]) / 8)
+            * 8
+            * len(step[k : k + micro])
+            for k in range(0, len(step), micro)
+        )
+        for step in steps_order
+    ]
+    return summarize_steps(
+        step_times,
+        step_tokens,
+        losses,
+        args.warmup,
+        args.shape,
+        {
+            "load_s": round(load_s, 1),
+            "padding_fraction": round(1 - sum(step_tokens) / max(1, sum(padded)), 3),
+            "micro_batch": micro,
+            "grad_accum": 16 // micro,
+            "lora_dropout": 0.0 if arm == "unsloth" else 0.1,
+            **memory_fields(torch, sampler),
+        },
+    )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Arms in a plain loop: (c0) engine recipe through the HF forward, (c) engine packed path
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _optimizer(params: list[Any], torch: Any) -> Any:
@@ -360,8 +445,9 @@ def _optimizer(params: list[Any], torch: Any) -> Any:
         import bitsandbytes as bnb
 
         # What the Trainer's "paged_adamw_32bit" builds.
-        return bnb.optim.PagedAdamW(params, lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                                    optim_bits=32)
+        return bnb.optim.PagedAdamW(
+            params, lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, optim_bits=32
+        )
     return torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
 
 
@@ -405,19 +491,40 @@ def run_engine_baseline(args: argparse.Namespace, data: dict[str, Any]) -> dict[
             step_times.append(now - mark)
             mark = now
             step_tokens.append(sum(len(samples[i]["ids"]) for i in step))
-    return summarize_steps(step_times, step_tokens, losses, args.warmup, args.shape, {
-        "load_s": round(load_s, 1), "micro_batch": 16, "grad_accum": 1, "lora_dropout": 0.1,
-        **memory_fields(torch, sampler)})
+    return summarize_steps(
+        step_times,
+        step_tokens,
+        losses,
+        args.warmup,
+        args.shape,
+        {
+            "load_s": round(load_s, 1),
+            "micro_batch": 16,
+            "grad_accum": 1,
+            "lora_dropout": 0.1,
+            **memory_fields(torch, sampler),
+        },
+    )
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """`max_tokens:uncheckpointed_layers[:nodrop][:noliger][:nofuse][:noflat][:nodq]`, e.g. 4096:0 or 8192:2."""
+    """`max_tokens:uncheckpointed_layers[:nodrop][:noliger][:nofuse][:noflat][:nodq]`, e.g. 4096:0 or
+    8192:2."""
     parts = text.split(":")
     flags = set(parts[2:])
-    return {"name": text, "max_tokens": int(parts[0]), "uncheckpointed_layers": int(parts[1]) if len(parts) > 1 else 0,
-            "dropout": 0.0 if "nodrop" in flags else 0.1, "use_liger": "noliger" not in flags,
-            "fused_lora": "nofuse" not in flags, "flat_parameters": "noflat" not in flags,
-            "fast_dequant": "nodq" not in flags, "cache_absmax": "absmax" in flags, "liger_norm": "tnorm" not in flags}
+    return {
+        "name": text,
+        "max_tokens": int(parts[0]),
+        "uncheckpointed_layers": int(parts[1]) if len(parts) > 1 else 0,
+        "dropout": 0.0 if "nodrop" in flags else 0.1,
+        "use_liger": "noliger" not in flags,
+        "fused_lora": "nofuse" not in flags,
+        "flat_parameters": "noflat" not in flags,
+        "fast_dequant": "nodq" not in flags,
+        "cache_absmax": "absmax" in flags,
+        "liger_norm": "tnorm" not in flags,
+        "offload_checkpoints": "nooff" not in flags,
+    }
 
 
 def _release_paged_state() -> None:
@@ -429,7 +536,8 @@ def _release_paged_state() -> None:
 
 
 def run_engine(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
-    """The packed path of engine/fast.py, once per variant on the same loaded model (adapters re-initialised)."""
+    """The packed path of engine/fast.py, once per variant on the same loaded model (adapters re-
+    initialised)."""
     import torch
     from peft import get_peft_model
 
@@ -452,11 +560,7 @@ def run_engine(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]
     if cuda:
         free, total = torch.cuda.mem_get_info()
         baseline_used = total - free
-
-    parity = None
-    with contextlib.suppress(Exception):
-        parity = _parity_check(model, examples[:4], device, torch, fast)
-    host_costs = _host_costs(model, torch, fast) if cuda and args.profile else None
+    parity = _parity_check(model, examples[:4], device, torch, fast)
 
     variants = {}
     for spec in args.variants.split(","):
@@ -467,12 +571,17 @@ def run_engine(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]
                 for drop in module.lora_dropout.values():
                     if isinstance(drop, torch.nn.Dropout):
                         drop.p = variant["dropout"]
-        options = fast.FastOptions(max_tokens=variant["max_tokens"],
-                                   uncheckpointed_layers=variant["uncheckpointed_layers"],
-                                   use_liger=variant["use_liger"], fused_lora=variant["fused_lora"],
-                                   flat_parameters=variant["flat_parameters"],
-                                   fast_dequant=variant["fast_dequant"], cache_absmax=variant["cache_absmax"],
-                                   liger_norm=variant["liger_norm"])
+        options = fast.FastOptions(
+            max_tokens=variant["max_tokens"],
+            uncheckpointed_layers=variant["uncheckpointed_layers"],
+            use_liger=variant["use_liger"],
+            fused_lora=variant["fused_lora"],
+            flat_parameters=variant["flat_parameters"],
+            fast_dequant=variant["fast_dequant"],
+            cache_absmax=variant["cache_absmax"],
+            liger_norm=variant["liger_norm"],
+            offload_checkpoints=variant["offload_checkpoints"],
+        )
         for module in model.modules():
             module.__dict__.pop("_tunedeck_dequant", None)
         runner = fast.PackedCausalLM(model, options)
@@ -483,7 +592,8 @@ def run_engine(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             free, total = torch.cuda.mem_get_info()
-            # What earlier variants left on the device (leaked paged buffers) is subtracted from this one's peak.
+            # What earlier variants left on the device (leaked paged buffers) is subtracted from this one's
+            # peak.
             leftover = max(0, (total - free) - baseline_used)
         sampler = MemorySampler() if cuda else None
         step_times, step_tokens, losses, packs = [], [], [], []
@@ -498,11 +608,13 @@ def run_engine(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]
                     torch.cuda.synchronize()
                 mark = time.perf_counter()
                 batches = plan(steps_order[0])
-                for k, step in enumerate(steps_order):
+                for k in range(len(steps_order)):
                     stats = runner.train_step(optimizer, batches, max_grad_norm=1.0)
                     packs.append(len(batches))
                     if k + 1 < len(steps_order):
-                        batches = plan(steps_order[k + 1])  # host packing overlaps the GPU finishing this step
+                        batches = plan(
+                            steps_order[k + 1]
+                        )  # host packing overlaps the GPU finishing this step
                     losses.append(float(stats.loss.item()))
                     now = time.perf_counter()
                     step_times.append(now - mark)
@@ -510,12 +622,26 @@ def run_engine(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]
                     step_tokens.append(stats.num_tokens)
             memory = memory_fields(torch, sampler)
             if cuda and sampler is not None:
-                memory["peak_device_used_gib"] = round((sampler.peak - leftover) / 1024 ** 3, 3)
-            result = summarize_steps(step_times, step_tokens, losses, args.warmup, args.shape, {
-                **variant, "packs_per_step": packs, "liger": runner.kernels.liger is not None,
-                "fast_dequant_layers": runner.fast_dequant_layers, "flat": runner.flat is not None, **memory})
+                memory["peak_device_used_gib"] = round((sampler.peak - leftover) / 1024**3, 3)
+            result = summarize_steps(
+                step_times,
+                step_tokens,
+                losses,
+                args.warmup,
+                args.shape,
+                {
+                    **variant,
+                    "packs_per_step": packs,
+                    "liger": runner.kernels.liger is not None,
+                    "fast_dequant_layers": runner.fast_dequant_layers,
+                    "flat": runner.flat is not None,
+                    **memory,
+                },
+            )
             if args.profile and cuda and spec == args.variants.split(",")[0]:
-                result["profile"] = _profile_steps(runner, optimizer, [plan(s) for s in steps_order[3:6]], torch)
+                result["profile"] = _profile_steps(
+                    runner, optimizer, [plan(s) for s in steps_order[3:6]], torch
+                )
         except Exception as exc:  # one failing variant (say, out of memory) must not hide the others
             result = {**variant, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
         variants[spec] = result
@@ -524,6 +650,9 @@ def run_engine(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+    # Last: an inference forward through bitsandbytes may repack 4-bit weights (seen on CPU), so nothing
+    # trains after.
+    host_costs = _host_costs(model, torch, fast) if cuda and args.profile else None
     return {"load_s": round(load_s, 1), "parity": parity, "host_costs_us": host_costs, "variants": variants}
 
 
@@ -558,26 +687,59 @@ def _host_costs(model: Any, torch: Any, fast: Any) -> dict[str, float]:
 
 
 def _parity_check(model: Any, examples: list[Any], device: Any, torch: Any, fast: Any) -> dict[str, float]:
-    """Loss of a few samples through the HF forward (one at a time) and through the packed path, no dropout."""
+    """Loss and final hidden states of a few samples through the HF forward (one at a time, SDPA) and
+    through the
+    packed path, adapters given random B so the LoRA branch counts, dropout off."""
+    saved = {}
+    with torch.no_grad():
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                saved[name] = param.detach().clone()
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
     model.eval()
-    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                                         enabled=device.type == "cuda"):
-        total, count = 0.0, 0
-        for ids, labels in examples:
-            out = model(input_ids=torch.tensor([ids], device=device), labels=torch.tensor([labels], device=device))
-            n = sum(1 for x in labels[1:] if x != -100)
-            total += float(out.loss) * n
-            count += n
-        runner = fast.PackedCausalLM(model, fast.FastOptions())
-        packed = float(runner.loss_sum(fast.pack_examples(examples, device))) / count
-    model.train()
+    try:
+        with (
+            torch.no_grad(),
+            torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+        ):
+            # Packed path first: on CPU, bitsandbytes repacks 4-bit weights at its first inference forward.
+            runner = fast.PackedCausalLM(model, fast.FastOptions())
+            batch = fast.pack_examples(examples, device)
+            packed_sum = float(runner.loss_sum(batch))
+            packed_hidden = runner.hidden_states(batch).float()
+            total, count, hf_hidden = 0.0, 0, []
+            for ids, labels in examples:
+                out = model(
+                    input_ids=torch.tensor([ids], device=device),
+                    labels=torch.tensor([labels], device=device),
+                    output_hidden_states=True,
+                )
+                n = sum(1 for x in labels[1:] if x != -100)
+                total += float(out.loss) * n
+                count += n
+                hf_hidden.append(out.hidden_states[-1][0].float())
+            packed = packed_sum / count
+            reference_hidden = torch.cat(hf_hidden)
+            hidden_error = float((packed_hidden - reference_hidden).norm() / reference_hidden.norm())
+    finally:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in saved:
+                    param.copy_(saved[name])
+        model.train()
     reference = total / count
-    return {"hf_loss": round(reference, 5), "packed_loss": round(packed, 5),
-            "relative_difference": round(abs(packed - reference) / reference, 6)}
+    return {
+        "hf_loss": round(reference, 5),
+        "packed_loss": round(packed, 5),
+        "relative_difference": round(abs(packed - reference) / reference, 6),
+        "hidden_state_relative_error": round(hidden_error, 6),
+    }
 
 
 def _profile_steps(runner: Any, optimizer: Any, steps: list[Any], torch: Any) -> dict[str, Any]:
-    """GPU time by kernel and host time by op over a few steps, plus how busy the GPU was over the wall time."""
+    """GPU time by kernel and host time by op over a few steps, plus how busy the GPU was over the wall
+    time."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -589,18 +751,31 @@ def _profile_steps(runner: Any, optimizer: Any, steps: list[Any], torch: Any) ->
     wall = time.perf_counter() - started
     events = prof.key_averages()
     kernel_total = sum(e.self_device_time_total for e in events) or 1
-    kernels = [{"name": e.key[:110], "gpu_ms": round(e.self_device_time_total / 1000, 2),
-                "share": round(e.self_device_time_total / kernel_total, 4), "calls": e.count}
-               for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]]
-    host = [{"name": e.key[:80], "self_cpu_ms": round(e.self_cpu_time_total / 1000, 2), "calls": e.count}
-            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]]
-    return {"wall_ms": round(wall * 1000, 1), "gpu_kernel_ms": round(kernel_total / 1000, 1),
-            "tokens": sum(b.num_tokens for batches in steps for b in batches), "kernels": kernels, "host": host}
+    kernels = [
+        {
+            "name": e.key[:110],
+            "gpu_ms": round(e.self_device_time_total / 1000, 2),
+            "share": round(e.self_device_time_total / kernel_total, 4),
+            "calls": e.count,
+        }
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]
+    ]
+    host = [
+        {"name": e.key[:80], "self_cpu_ms": round(e.self_cpu_time_total / 1000, 2), "calls": e.count}
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]
+    ]
+    return {
+        "wall_ms": round(wall * 1000, 1),
+        "gpu_kernel_ms": round(kernel_total / 1000, 1),
+        "tokens": sum(b.num_tokens for batches in steps for b in batches),
+        "kernels": kernels,
+        "host": host,
+    }
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Orchestration
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def child(args: argparse.Namespace) -> int:
@@ -635,14 +810,25 @@ def _versions() -> dict[str, str]:
     from importlib import metadata
 
     found = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "unsloth", "unsloth_zoo", "trl",
-                 "liger-kernel"):
+    for name in (
+        "torch",
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "accelerate",
+        "unsloth",
+        "unsloth_zoo",
+        "trl",
+        "liger-kernel",
+    ):
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)
     return found
 
 
-def best_engine_variant(engine: dict[str, Any], memory_cap: float | None) -> tuple[str | None, dict[str, Any] | None]:
+def best_engine_variant(
+    engine: dict[str, Any], memory_cap: float | None
+) -> tuple[str | None, dict[str, Any] | None]:
     """Fastest variant with the recipe's semantics (LoRA dropout 0.1) whose peak allocation fits the cap."""
     best = None
     for name, v in engine.get("variants", {}).items():
@@ -664,14 +850,40 @@ def summarize(results: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     for arm in ("seeds", "unsloth", "engine-baseline"):
         r = arms.get(arm)
         if r and "error" not in r:
-            table.append({"arm": arm, **{k: r.get(k) for k in ("tokens_per_s", "peak_allocated_gib",
-                                                                 "peak_reserved_gib", "peak_device_used_gib",
-                                                                 "mfu", "s_per_step")}})
+            table.append(
+                {
+                    "arm": arm,
+                    **{
+                        k: r.get(k)
+                        for k in (
+                            "tokens_per_s",
+                            "peak_allocated_gib",
+                            "peak_reserved_gib",
+                            "peak_device_used_gib",
+                            "mfu",
+                            "s_per_step",
+                        )
+                    },
+                }
+            )
     for vname, v in arms.get("engine", {}).get("variants", {}).items():
         if "error" not in v:
-            table.append({"arm": f"engine[{vname}]", **{k: v.get(k) for k in (
-                "tokens_per_s", "peak_allocated_gib", "peak_reserved_gib", "peak_device_used_gib", "mfu",
-                "s_per_step")}})
+            table.append(
+                {
+                    "arm": f"engine[{vname}]",
+                    **{
+                        k: v.get(k)
+                        for k in (
+                            "tokens_per_s",
+                            "peak_allocated_gib",
+                            "peak_reserved_gib",
+                            "peak_device_used_gib",
+                            "mfu",
+                            "s_per_step",
+                        )
+                    },
+                }
+            )
     ratios = {}
     if engine:
         for other in ("unsloth", "seeds", "engine-baseline"):
@@ -693,28 +905,49 @@ def summarize(results: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
         if seeds.get("losses"):
             tail = 5
             agreement["engine vs seeds (different step order: last-5 means)"] = [
-                round(sum(engine["losses"][-tail:]) / tail, 4), round(sum(seeds["losses"][-tail:]) / tail, 4)]
-    return {**meta, "memory_cap_gib": cap, "engine_variant": name, "table": table, "ratios": ratios,
-            "loss_agreement": agreement, "arms": arms}
+                round(sum(engine["losses"][-tail:]) / tail, 4),
+                round(sum(seeds["losses"][-tail:]) / tail, 4),
+            ]
+    return {
+        **meta,
+        "memory_cap_gib": cap,
+        "engine_variant": name,
+        "table": table,
+        "ratios": ratios,
+        "loss_agreement": agreement,
+        "arms": arms,
+    }
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    lines = [f"# QLoRA throughput, {summary['gpu']}, {summary['date']}", "",
-             f"Shape {summary['shape']} ({summary['params'] / 1e9:.2f}B params), {summary['steps']} steps of "
-             f"16 samples, first {summary['warmup']} untimed. MFU = 6 × N × real tokens/s ÷ "
-             f"{H100_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s (N = all {summary['params'] / 1e9:.2f}B params; the "
-             "frozen base skips weight gradients (−2N) and checkpointing recomputes the forward (+2N), so the "
-             "executed matmul work is also about 6N per token; LoRA and attention FLOPs are not counted).", "",
-             "| arm | real tok/s | peak alloc GiB | peak reserved GiB | device used GiB | MFU | s/step |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# QLoRA throughput, {summary['gpu']}, {summary['date']}",
+        "",
+        f"Shape {summary['shape']} ({summary['params'] / 1e9:.2f}B params), {summary['steps']} steps of "
+        f"16 samples, first {summary['warmup']} untimed. MFU = 6 × N × real tokens/s ÷ "
+        f"{H100_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s (N = all {summary['params'] / 1e9:.2f}B params; the "
+        "frozen base skips weight gradients (−2N) and checkpointing recomputes the forward (+2N), so the "
+        "executed matmul work is also about 6N per token; LoRA and attention FLOPs are not counted).",
+        "",
+        "| arm | real tok/s | peak alloc GiB | peak reserved GiB | device used GiB | MFU | s/step |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in summary["table"]:
-        lines.append(f"| {row['arm']} | {row['tokens_per_s']:,.0f} | {row['peak_allocated_gib']} | "
-                     f"{row['peak_reserved_gib']} | {row['peak_device_used_gib']} | {row['mfu']:.1%} | "
-                     f"{row['s_per_step']} |")
-    lines += ["", f"Engine variant used for ratios: `{summary['engine_variant']}` (fastest with LoRA dropout 0.1 "
-              f"and peak allocation ≤ Unsloth's {summary['memory_cap_gib']} GiB).", "",
-              "Ratios: " + ", ".join(f"{k} = {v}" for k, v in summary["ratios"].items()), "",
-              "Loss agreement: " + json.dumps(summary["loss_agreement"]), ""]
+        lines.append(
+            f"| {row['arm']} | {row['tokens_per_s']:,.0f} | {row['peak_allocated_gib']} | "
+            f"{row['peak_reserved_gib']} | {row['peak_device_used_gib']} | {row['mfu']:.1%} | "
+            f"{row['s_per_step']} |"
+        )
+    lines += [
+        "",
+        f"Engine variant used for ratios: `{summary['engine_variant']}` (fastest with LoRA dropout 0.1 "
+        f"and peak allocation ≤ Unsloth's {summary['memory_cap_gib']} GiB).",
+        "",
+        "Ratios: " + ", ".join(f"{k} = {v}" for k, v in summary["ratios"].items()),
+        "",
+        "Loss agreement: " + json.dumps(summary["loss_agreement"]),
+        "",
+    ]
     for arm, title in ARM_TITLES.items():
         lines.append(f"- `{arm}`: {title}")
     return "\n".join(lines) + "\n"
@@ -731,27 +964,73 @@ def parent(args: argparse.Namespace) -> int:
 
     def run_child(arm: str, extra: list[str], timeout: float) -> dict[str, Any]:
         result_path = work / f"{arm}.json"
-        cmd = [sys.executable, __file__, "--arm", arm, "--result", str(result_path), "--model-dir", str(model_dir),
-               "--shape", args.shape, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--variants", args.variants, *extra]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--arm",
+            arm,
+            "--result",
+            str(result_path),
+            "--model-dir",
+            str(model_dir),
+            "--shape",
+            args.shape,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--variants",
+            args.variants,
+            *extra,
+        ]
         if args.profile:
             cmd.append("--profile")
         t0 = time.perf_counter()
         with open(logs / f"{arm}.log", "w") as log_file:
             try:
-                subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout,
-                               cwd=tempfile.mkdtemp(prefix=f"cwd-{arm}-"), check=False)
+                subprocess.run(
+                    cmd,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout,
+                    cwd=tempfile.mkdtemp(prefix=f"cwd-{arm}-"),
+                    check=False,
+                )
             except subprocess.TimeoutExpired:
                 return {"error": f"timed out after {timeout:.0f} s"}
-        result = json.loads(result_path.read_text()) if result_path.exists() else {"error": "no result written"}
+        result = (
+            json.loads(result_path.read_text()) if result_path.exists() else {"error": "no result written"}
+        )
         result["wall_s"] = round(time.perf_counter() - t0, 1)
-        print(f"[{time.perf_counter() - started:6.0f}s] {arm}: " + json.dumps(
-            {k: v for k, v in result.items() if k in ("tokens_per_s", "peak_allocated_gib", "error", "wall_s",
-                                                     "build_s", "parity")}), flush=True)
+        print(
+            f"[{time.perf_counter() - started:6.0f}s] {arm}: "
+            + json.dumps(
+                {
+                    k: v
+                    for k, v in result.items()
+                    if k in ("tokens_per_s", "peak_allocated_gib", "error", "wall_s", "build_s", "parity")
+                }
+            ),
+            flush=True,
+        )
         if arm == "engine":
             for name, v in result.get("variants", {}).items():
-                print(f"    {name}: " + json.dumps({k: v.get(k) for k in (
-                    "tokens_per_s", "peak_allocated_gib", "peak_device_used_gib", "mfu", "error")}), flush=True)
+                print(
+                    f"    {name}: "
+                    + json.dumps(
+                        {
+                            k: v.get(k)
+                            for k in (
+                                "tokens_per_s",
+                                "peak_allocated_gib",
+                                "peak_device_used_gib",
+                                "mfu",
+                                "error",
+                            )
+                        }
+                    ),
+                    flush=True,
+                )
         return result
 
     data_path = work / "data.json"
@@ -772,14 +1051,24 @@ def parent(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(out: Path, args: argparse.Namespace, results: dict[str, Any], data: dict[str, Any], logs: Path) -> None:
+def _write(
+    out: Path, args: argparse.Namespace, results: dict[str, Any], data: dict[str, Any], logs: Path
+) -> None:
     gpu = next((r.get("gpu") for r in results.values() if isinstance(r, dict) and r.get("gpu")), "cpu")
     lengths = [len(s["ids"]) for s in data["samples"]]
-    meta = {"date": datetime.date.today().isoformat(), "gpu": gpu, "shape": args.shape,
-            "params": param_count(SHAPES[args.shape]), "steps": args.steps, "warmup": args.warmup,
-            "samples": len(lengths), "mean_sample_tokens": round(sum(lengths) / len(lengths), 1),
-            "answer_token_share": round(sum(len(s["ids"]) - s["prompt_len"] for s in data["samples"]) /
-                                        sum(lengths), 3)}
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "gpu": gpu,
+        "shape": args.shape,
+        "params": param_count(SHAPES[args.shape]),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "samples": len(lengths),
+        "mean_sample_tokens": round(sum(lengths) / len(lengths), 1),
+        "answer_token_share": round(
+            sum(len(s["ids"]) - s["prompt_len"] for s in data["samples"]) / sum(lengths), 3
+        ),
+    }
     summary = summarize(results, meta)
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text(markdown(summary))
@@ -794,8 +1083,11 @@ def main() -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     parser.add_argument("--steps", type=int, default=18)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--variants", default="4096:0,8192:0,4096:0:nodrop",
-                        help="engine variants: max_tokens:uncheckpointed_layers[:nodrop][:noliger][:nofuse]")
+    parser.add_argument(
+        "--variants",
+        default="4096:0,8192:0,4096:0:nodrop",
+        help="engine variants: max_tokens:uncheckpointed_layers[:nodrop][:noliger][:nofuse]",
+    )
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--deadline-s", type=float, default=560)
     parser.add_argument("--profile", action="store_true")

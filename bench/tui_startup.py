@@ -1,4 +1,5 @@
-"""TUI responsiveness: cold start to first frame, and key latency while 200 events/s stream into the viewed run.
+"""TUI responsiveness: cold start to first frame, and key latency while 200 events/s stream into the viewed
+run.
 
 Run: `.venv/bin/python bench/tui_startup.py` (targets: first frame ≤ 0.3 s, key latency ≤ 50 ms).
 Cold start is measured in fresh interpreters (imports included) on the headless driver at 80×24; key latency is
@@ -43,7 +44,8 @@ print(first_frame[0])
 
 
 def cold_start(workspace: Path, repeats: int) -> list[tuple[float, float]]:
-    """Per fresh process: seconds from its first line (imports included) to the first frame, and its whole life."""
+    """Per fresh process: seconds from its first line (imports included) to the first frame, and its whole
+    life."""
     times = []
     for _ in range(repeats):
         probe = STARTUP_PROBE.format(repo=str(REPO), workspace=str(workspace))
@@ -56,9 +58,8 @@ def cold_start(workspace: Path, repeats: int) -> list[tuple[float, float]]:
 
 async def key_latency(workspace_root: Path, rate: float, samples: int) -> tuple[list[float], int]:
     """Key-to-screen-update latencies (s) while a fake trainer streams `rate` events/s; and events seen."""
-    from tui_workspace import FAKE_TRAINER, engine_for, wait_for
-
     from textual import events
+    from tui_workspace import FAKE_TRAINER, engine_for, wait_for
 
     from engine.workspace import Workspace
     from tui.app import create_app
@@ -67,8 +68,18 @@ async def key_latency(workspace_root: Path, rate: float, samples: int) -> tuple[
     workspace = Workspace.open(workspace_root)
     run_dir = workspace.runs_dir / "20261123-140000-stream"
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = subprocess.Popen([sys.executable, str(FAKE_TRAINER), "--run-dir", str(run_dir), "--steps", "1000000",
-                                "--rate", str(rate)])
+    trainer = subprocess.Popen(
+        [
+            sys.executable,
+            str(FAKE_TRAINER),
+            "--run-dir",
+            str(run_dir),
+            "--steps",
+            "1000000",
+            "--rate",
+            str(rate),
+        ]
+    )
     latencies: list[float] = []
     try:
         app = create_app(engine=engine_for(workspace), initial_tab="train")
@@ -81,7 +92,8 @@ async def key_latency(workspace_root: Path, rate: float, samples: int) -> tuple[
             for _ in range(samples):
                 before = detail.has_class("-big-log")
                 pressed = time.perf_counter()
-                # The key goes in as the terminal driver delivers it; latency ends when the frame showing it is drawn.
+                # The key goes in as the terminal driver delivers it; latency ends when the frame showing it
+                # is drawn.
                 app.post_message(events.Key("l", "l"))
                 while detail.has_class("-big-log") == before:
                     await asyncio.sleep(0.001)
@@ -124,11 +136,15 @@ def main() -> None:
         "events_streamed": seen,
         "rate_events_per_s": args.rate,
     }
-    print(f"cold start to first frame: median {result['first_frame_s']['median']} s "
-          f"(max {result['first_frame_s']['max']} s; whole process incl. exit {result['process_total_s']['median']} s)"
-          f"  target ≤ 0.3 s")
-    print(f"key latency with {args.rate:.0f} events/s streaming: median {result['key_latency_ms']['median']} ms, "
-          f"p95 {result['key_latency_ms']['p95']} ms, max {result['key_latency_ms']['max']} ms  target ≤ 50 ms")
+    print(
+        f"cold start to first frame: median {result['first_frame_s']['median']} s "
+        f"(max {result['first_frame_s']['max']} s; whole process incl. exit {result['process_total_s']['median']} s)"
+        f"  target ≤ 0.3 s"
+    )
+    print(
+        f"key latency with {args.rate:.0f} events/s streaming: median {result['key_latency_ms']['median']} ms, "
+        f"p95 {result['key_latency_ms']['p95']} ms, max {result['key_latency_ms']['max']} ms  target ≤ 50 ms"
+    )
     print(json.dumps(result))
 
 

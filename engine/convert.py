@@ -1,10 +1,10 @@
 """Runs llama.cpp's own convert_hf_to_gguf.py on a merged Hugging Face folder, and reads what the GGUF holds.
 
-The converter is never copied into tunedeck: it is found in `$LLAMA_CPP_DIR` (a user's llama.cpp checkout) or in
-the copy scripts/setup.sh extracts from the pinned llama-cpp-python sdist (`<venv>/llama.cpp`). It runs as a
-subprocess through a small launcher (`python -m engine.convert launch …`) that puts the converter's own gguf-py
-first on the path and, only for a byte-level BPE tokenizer whose fingerprint the converter does not know, makes
-its pre-tokenizer lookup answer "gpt-2" instead of refusing.
+The converter is never copied into tunedeck: it is found in `$LLAMA_CPP_DIR` (a user's llama.cpp checkout)
+or in the copy scripts/setup.sh extracts from the pinned llama-cpp-python sdist (`<venv>/llama.cpp`). It runs
+as a subprocess through a small launcher (`python -m engine.convert launch …`) that puts the converter's own
+gguf-py first on the path and, only for a byte-level BPE tokenizer whose fingerprint the converter does not
+know, makes its pre-tokenizer lookup answer "gpt-2" instead of refusing.
 
 Module level imports are standard library only: the launcher must import the converter's gguf-py, not PyPI's.
 """
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 CONVERTER_DIR_ENV = "LLAMA_CPP_DIR"
 CONVERTER_SCRIPT = "convert_hf_to_gguf.py"
 BUNDLED_CONVERTER_DIRNAME = "llama.cpp"
-# What the launcher answers for an unknown byte-level BPE fingerprint: GPT-2's regex splits text like training did.
+# The launcher's answer for an unknown byte-level BPE fingerprint: GPT-2's regex splits text as training did.
 BYTE_LEVEL_PRE_TOKENIZER = "gpt-2"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +70,7 @@ class Converter:
         return self.root / "gguf-py"
 
     def python_path(self) -> str:
-        """PYTHONPATH for the converter: its gguf-py first (PyPI gguf lacks what it needs), then itself, then us."""
+        """PYTHONPATH for the converter: its gguf-py first (PyPI gguf lacks parts), itself, then us."""
         parts = [str(self.gguf_py), str(self.root), str(REPO_ROOT)]
         inherited = os.environ.get("PYTHONPATH", "")
         return os.pathsep.join(parts + ([inherited] if inherited else []))
@@ -82,15 +82,15 @@ def _bundled_dirs() -> list[Path]:
 
 
 def find_converter() -> Converter:
-    """The converter from `$LLAMA_CPP_DIR` when set, else the bundled copy; ExportError with the fix when absent."""
+    """The converter in `$LLAMA_CPP_DIR` if set, else the bundled copy; ExportError with the fix if absent."""
     configured = os.environ.get(CONVERTER_DIR_ENV, "").strip()
     if configured:
         root = Path(configured).expanduser().resolve()
         if not (root / CONVERTER_SCRIPT).is_file():
             raise ExportError(
                 f"${CONVERTER_DIR_ENV} points at {root}, which has no {CONVERTER_SCRIPT}.",
-                next_step=f"Point {CONVERTER_DIR_ENV} at the top of a llama.cpp checkout, or unset it to use the "
-                "bundled converter.",
+                next_step=f"Point {CONVERTER_DIR_ENV} at the top of a llama.cpp checkout, or unset it to use "
+                "the bundled converter.",
             )
         if not (root / "gguf-py").is_dir():
             raise ExportError(
@@ -150,8 +150,8 @@ def _architectures_at(root: Path, stamp: tuple[float, ...]) -> frozenset[str]:
 
 
 def supported_architectures(converter: Converter) -> frozenset[str]:
-    """Hugging Face architecture names (e.g. LlamaForCausalLM) the converter maps to a GGUF model, read from its
-    source without importing it (no torch, well under a second)."""
+    """Hugging Face architecture names (e.g. LlamaForCausalLM) the converter maps to a GGUF model, read from
+    its source without importing it (no torch, well under a second)."""
     sources = _registry_sources(converter)
     stamp = tuple(p.stat().st_mtime for p in sources)
     return _architectures_at(converter.root, stamp)
@@ -175,7 +175,7 @@ def model_architecture(model_dir: Path) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerCheck:
-    """How the converter will read a tokenizer: `kind` is sentencepiece, bpe-known, bpe-byte-level or other."""
+    """How the converter reads a tokenizer: `kind` is sentencepiece, bpe-known, bpe-byte-level or other."""
 
     kind: str
     pre_tokenizer: str = ""
@@ -229,7 +229,8 @@ def check_tokenizer(model_dir: Path, converter: Converter) -> TokenizerCheck:
     has_sentencepiece = (model_dir / "tokenizer.model").is_file()
     if not tokenizer_json.is_file() and not has_sentencepiece and not (model_dir / "vocab.json").is_file():
         raise ExportError(
-            f"{model_dir} has no tokenizer (tokenizer.json or tokenizer.model), so llama.cpp cannot convert it.",
+            f"{model_dir} has no tokenizer (tokenizer.json or tokenizer.model), so llama.cpp cannot convert "
+            "it.",
             next_step="Save the tokenizer beside the model (tokenizer.save_pretrained) and export again.",
         )
     if has_sentencepiece or not tokenizer_json.is_file():
@@ -256,10 +257,11 @@ def check_tokenizer(model_dir: Path, converter: Converter) -> TokenizerCheck:
     if _is_byte_level(spec.get("pre_tokenizer")):
         return TokenizerCheck("bpe-byte-level", BYTE_LEVEL_PRE_TOKENIZER, fingerprint)
     raise ExportError(
-        f"This model's BPE tokenizer (fingerprint {fingerprint[:12]}…) is unknown to the llama.cpp converter in "
-        f"{converter.root}, and it is not byte-level, so llama.cpp would split text differently from training.",
-        next_step=f"Point {CONVERTER_DIR_ENV} at a newer llama.cpp checkout that knows this tokenizer, or train on "
-        "a base model whose tokenizer llama.cpp supports.",
+        f"This model's BPE tokenizer (fingerprint {fingerprint[:12]}…) is unknown to the llama.cpp converter "
+        f"in {converter.root}, and it is not byte-level, so llama.cpp would split text differently from "
+        "training.",
+        next_step=f"Point {CONVERTER_DIR_ENV} at a newer llama.cpp checkout that knows this tokenizer, or "
+        "train on a base model whose tokenizer llama.cpp supports.",
     )
 
 
@@ -281,13 +283,13 @@ def _failure(log_text: str, log_path: Path | None, arch: str) -> ExportError:
     if "BPE pre-tokenizer was not recognized" in text:
         return ExportError(
             "llama.cpp's converter does not recognise this model's BPE tokenizer.",
-            next_step=f"Point {CONVERTER_DIR_ENV} at a newer llama.cpp checkout that knows it. {where}".strip(),
+            next_step=f"Use a newer llama.cpp checkout that knows it ({CONVERTER_DIR_ENV}). {where}".rstrip(),
         )
     if "Can not map tensor" in text or "Cannot map tensor" in text:
         tensor = re.search(r"[Cc]an(?: )?not map tensor '?([^'\s]+)", text)
         return ExportError(
-            f"llama.cpp's converter cannot map the tensor {tensor.group(1) if tensor else ''} of this {arch or 'model'}"
-            " (quantized or adapter weights left in the merged model).",
+            f"llama.cpp's converter cannot map the tensor {tensor.group(1) if tensor else ''} of this "
+            f"{arch or 'model'} (quantized or adapter weights left in the merged model).",
             next_step=f"Export from a 16-bit base model; never merge into 4-bit weights. {where}".strip(),
         )
     if re.search(r"Model \S+ is not supported", text):
@@ -316,9 +318,9 @@ def convert_to_gguf(
     python: str | None = None,
     before_commit: Callable[[], None] | None = None,
 ) -> Path:
-    """Convert the Hugging Face folder `model_dir` into `out_file` (written under a temp name, renamed when the
-    converter succeeded); `on_progress(fraction, message)` follows its output, `before_commit` runs just before
-    the rename (a raise there leaves no file)."""
+    """Convert the Hugging Face folder `model_dir` into `out_file` (written under a temp name, renamed when
+    the converter succeeded); `on_progress(fraction, message)` follows its output, `before_commit` runs just
+    before the rename (a raise there leaves no file)."""
     converter = converter or find_converter()
     out_file = Path(out_file)
     temp = temp_sibling(out_file)
@@ -589,7 +591,7 @@ def _render(
 
 
 def turn_end_text(template: str, special: dict[str, str]) -> str:
-    """What the template writes right after an assistant's answer (e.g. `<|im_end|>\\n`), or '' if unrenderable."""
+    """What the template writes after an assistant's answer (`<|im_end|>\\n`…), or '' if unrenderable."""
     answer = _SENTINEL.format("answer")
     messages = [
         {"role": "user", "content": _SENTINEL.format("question")},
@@ -597,14 +599,14 @@ def turn_end_text(template: str, special: dict[str, str]) -> str:
     ]
     try:
         text = _render(template, messages, special, generation=False)
-    except Exception:  # noqa: BLE001 - any template failure means "cannot tell"
+    except Exception:
         return ""
     at = text.rfind(answer)
     return text[at + len(answer) :] if at >= 0 else ""
 
 
 def turn_end_token(template: str, special: dict[str, str], special_tokens: Iterable[str]) -> str:
-    """The special token that closes an assistant turn in `template` (`<|im_end|>`, `<|eot_id|>`, `</s>`…), or ''."""
+    """The special token closing an assistant turn (`<|im_end|>`, `<|eot_id|>`, `</s>`…), or ''."""
     tail = turn_end_text(template, special).lstrip(" ")
     candidates = sorted({t for t in special_tokens if t}, key=len, reverse=True)
     return next((token for token in candidates if tail.startswith(token)), "")
@@ -625,7 +627,7 @@ class ChatFormat:
     default_system: str = ""
 
     def render(self, messages: list[dict[str, str]]) -> str:
-        """The prompt for `messages` with the assistant turn opened (what Ollama will build from the Modelfile)."""
+        """The prompt for `messages`, assistant turn opened (what Ollama builds from the Modelfile)."""
         if self.default_system and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": self.default_system}, *messages]
         parts = []
@@ -639,15 +641,17 @@ class ChatFormat:
         return self.bos + "".join(parts) + self.generation_prompt
 
     def go_template(self) -> str:
-        """The same format as an Ollama (Go text/template) TEMPLATE; BOS is left to the tokenizer, as Ollama does."""
+        """The same format as an Ollama (Go text/template) TEMPLATE; BOS is the tokenizer's job there."""
 
         def literal(text: str) -> str:
             return text.replace("{{", '{{ "{{" }}')
 
         return (
             "{{ range .Messages }}"
-            f'{{{{ if eq .Role "system" }}}}{literal(self.system_prefix)}{{{{ .Content }}}}{literal(self.system_suffix)}'
-            f'{{{{ else if eq .Role "user" }}}}{literal(self.user_prefix)}{{{{ .Content }}}}{literal(self.user_suffix)}'
+            f'{{{{ if eq .Role "system" }}}}{literal(self.system_prefix)}{{{{ .Content }}}}'
+            f"{literal(self.system_suffix)}"
+            f'{{{{ else if eq .Role "user" }}}}{literal(self.user_prefix)}{{{{ .Content }}}}'
+            f"{literal(self.user_suffix)}"
             f'{{{{ else if eq .Role "assistant" }}}}{literal(self.assistant_prefix)}{{{{ .Content }}}}'
             f"{literal(self.assistant_suffix)}"
             "{{ end }}{{ end }}"
@@ -682,7 +686,7 @@ def _derive_format(template: str, special: dict[str, str], *, with_system: bool)
     try:
         p0, p1 = render(first, False), render(first, True)
         p2, p3 = render([*first, answer1], False), render([*first, answer1, user2], False)
-    except Exception:  # noqa: BLE001 - a template that refuses these roles is not a simple one
+    except Exception:
         return None
     eos = special.get("eos_token", "")
     if eos and all(p.endswith(eos) for p in (p0, p2, p3)) and not p1.endswith(eos):
@@ -724,8 +728,8 @@ def _derive_format(template: str, special: dict[str, str], *, with_system: bool)
 
 
 def chat_format(template: str, special: dict[str, str]) -> ChatFormat | None:
-    """Reduce a Jinja chat template to a ChatFormat by rendering probe conversations; None when the template does
-    more than wrap each message (the Modelfile then leaves the prompt format to the GGUF's own metadata).
+    """Reduce a Jinja chat template to a ChatFormat by rendering probe conversations; None when the template
+    does more than wrap each message (the Modelfile then leaves the prompt format to the GGUF's metadata).
 
     A template that refuses a system turn (Gemma's) gets one written as a user turn, as Ollama's own Gemma
     templates do.
@@ -744,7 +748,7 @@ def chat_format(template: str, special: dict[str, str]) -> ChatFormat | None:
             return None
     try:
         bare = _render(template, [user1], special, generation=True)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
     if found.render([user1]) != bare and probes[1][0]["role"] == "system":
         # A template that adds its own system message when none is given: keep that text as the default.
@@ -757,6 +761,6 @@ def chat_format(template: str, special: dict[str, str]) -> ChatFormat | None:
         try:
             if _render(template, probe, special, generation=True) != found.render(probe):
                 return None
-        except Exception:  # noqa: BLE001
+        except Exception:
             return None
     return found

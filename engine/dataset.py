@@ -13,6 +13,7 @@ import difflib
 import io
 import json
 import math
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -199,9 +200,13 @@ def _quote_list(keys: Sequence[str], limit: int = 6) -> str:
     return shown or "none"
 
 
+def _printable(text: str) -> str:
+    # A path with undecodable bytes (kept as surrogates) would make print() itself fail.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _display_name(path: Path) -> str:
-    # A file name with undecodable bytes would make print() itself fail.
-    return path.name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _printable(path.name)
 
 
 def _plural(count: int, word: str) -> str:
@@ -278,13 +283,15 @@ def _read_bytes(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         raise DatasetFileError(
-            f"The dataset file {path} does not exist.",
+            f"The dataset file {_printable(str(path))} does not exist.",
             path=path,
             next_step="Check the path (datasets live in the workspace's datasets/ folder).",
         ) from None
     except IsADirectoryError:
         raise DatasetFileError(
-            f"{path} is a folder, not a dataset file.", path=path, next_step="Pass the .jsonl file inside it."
+            f"{_printable(str(path))} is a folder, not a dataset file.",
+            path=path,
+            next_step="Pass the .jsonl file inside it.",
         ) from None
     except PermissionError:
         raise DatasetFileError(
@@ -396,8 +403,9 @@ def _parse_int(text: str) -> int | float:
     return int(text) if len(text) <= 4000 else float("inf")
 
 
+# strict=False accepts a raw tab (or other control character) inside a string: its meaning is unambiguous.
 _DECODER = json.JSONDecoder(
-    object_pairs_hook=_object_pairs, parse_constant=_reject_constant, parse_int=_parse_int
+    object_pairs_hook=_object_pairs, parse_constant=_reject_constant, parse_int=_parse_int, strict=False
 )
 _JSON_WHITESPACE = " \t\n\r"
 
@@ -405,7 +413,9 @@ _JSON_WHITESPACE = " \t\n\r"
 def _json_error(exc: Exception) -> str:
     """The what-is-wrong part of a problem for a value that is not valid JSON."""
     if isinstance(exc, json.JSONDecodeError):
-        return f"invalid JSON ({exc.msg.lower()} at column {exc.colno})"
+        # json's messages such as "Unterminated string starting at" expect a position after them.
+        what = exc.msg[0].lower() + exc.msg[1:]
+        return f"invalid JSON ({what.removesuffix(' at')} at column {exc.colno})"
     if isinstance(exc, _NotJsonConstant):
         return f"invalid JSON ({exc} is not a JSON value)"
     if isinstance(exc, RecursionError):
@@ -483,7 +493,7 @@ class _Record:
     value: Any
 
 
-def _json_records(lines: list[_Line], problems: list[LineProblem]) -> list[_Record]:
+def _json_records(lines: list[_Line], problems: list[LineProblem], fmt: str) -> list[_Record]:
     """Every JSON value in the file, from one JSON array or one per line; unreadable ones become problems."""
     content = [line for line in lines if line.text.strip()]
     if not content:
@@ -498,7 +508,7 @@ def _json_records(lines: list[_Line], problems: list[LineProblem]) -> list[_Reco
         try:
             value = _decode_line(line.text)
         except (ValueError, RecursionError) as exc:
-            problems.append(LineProblem(line.number, _json_error(exc), _line_fix(line.text)))
+            problems.append(LineProblem(line.number, _json_error(exc), _line_fix(line.text, fmt)))
             continue
         records.append(_Record(line.number, None, value))
     _explain_pretty_printed(content, problems)
@@ -523,11 +533,13 @@ def _reads_as_jsonl(content: list[_Line]) -> bool:
     return sum(_decodes(line.text) for line in following) * 2 > len(following)
 
 
-def _line_fix(text: str) -> str:
+def _line_fix(text: str, fmt: str) -> str:
     stripped = text.strip()
     if stripped.startswith("{") and not stripped.endswith("}"):
         return "complete the object and close it with '}' on the same line (one object per line)"
-    return 'make the line one complete JSON object, like {"question": "…", "answer": "…"}'
+    return (
+        f"make the line one complete JSON object, like {EXAMPLE_RECORDS.get(fmt, EXAMPLE_RECORDS['jsonl'])}"
+    )
 
 
 def _explain_pretty_printed(content: list[_Line], problems: list[LineProblem]) -> None:
@@ -944,22 +956,25 @@ def _parse_csv(lines: list[_Line], problems: list[LineProblem], path: Path) -> _
     text = "\n".join(by_number.get(number, "") for number in range(1, max(by_number) + 1))
     header_text = next(line.text for line in lines if line.text.strip())
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=_pick_delimiter(header_text, path))
-    old_limit = csv.field_size_limit()
     # The default field limit (128 KiB) would reject one long answer; the file is in memory already anyway.
-    csv.field_size_limit(2**31 - 1)
-    try:
-        _read_csv_rows(reader, pairs, pair_lines, problems)
-    except csv.Error as exc:
-        problems.append(
-            LineProblem(reader.line_num, f"the CSV cannot be read past this line ({exc})", CSV_FIX)
-        )
-    finally:
-        csv.field_size_limit(old_limit)
+    # The limit is process-wide, so concurrent loads (TUI workers) take turns raising and restoring it.
+    with _CSV_LIMIT_LOCK:
+        old_limit = csv.field_size_limit()
+        csv.field_size_limit(2**31 - 1)
+        try:
+            _read_csv_rows(reader, pairs, pair_lines, problems)
+        except csv.Error as exc:
+            problems.append(
+                LineProblem(reader.line_num, f"the CSV cannot be read past this line ({exc})", CSV_FIX)
+            )
+        finally:
+            csv.field_size_limit(old_limit)
     problems.sort(key=lambda problem: problem.line)
     return _Parsed(pairs, pair_lines, problems, "csv")
 
 
 CSV_FIX = "put double quotes around fields that contain the delimiter, quotes or line breaks"
+_CSV_LIMIT_LOCK = threading.Lock()
 
 
 def _read_csv_rows(
@@ -985,6 +1000,9 @@ def _read_csv_rows(
         if not any(cell.strip() for cell in row):
             continue
         row_number += 1
+        if len(row) > len(header) and not any(cell.strip() for cell in row[len(header) :]):
+            # Spreadsheets often pad rows with empty cells past the last column.
+            row = row[: len(header)]
         if len(row) != len(header):
             message = f"the row has {_plural(len(row), 'field')} but the header has {len(header)}"
             problems.append(LineProblem(start_line, message, CSV_FIX, row_number, "row"))
@@ -1059,7 +1077,7 @@ def _parse_content(data: bytes, path: Path, fmt: str) -> _Parsed:
         return _Parsed([], [], [_empty_problem(concrete)], concrete)
     if fmt == "csv" or (fmt == "auto" and path.suffix.lower() in (".csv", ".tsv")):
         return _parse_csv(lines, problems, path)
-    records = _json_records(lines, problems)
+    records = _json_records(lines, problems, fmt)
     if fmt == "auto":
         sniffed = _sniff_records(records)
         if sniffed is None:

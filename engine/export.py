@@ -1,10 +1,11 @@
-"""The export engine: pre-flight, merge, convert to GGUF, quantize, verify and a parity report, as one event-speaking process.
+"""The export engine: pre-flight, merge, GGUF conversion, quantization, checks and a parity report.
 
 `python -m engine.export --run-dir DIR [--checkpoint N] [--quant q4_0,q5_1,q8_0] [--out DIR]` writes into
 `<workspace>/exports/<run_id>-step<N>/`: merged/ (a 16-bit Hugging Face folder), one f16 GGUF, one GGUF per
-quantization type, a Modelfile for Ollama, report.md and report.json. Every output is written under a temp name
-and renamed when its stage succeeds, so an interrupted or failed export leaves only complete earlier outputs.
-report.json is written last: its presence means the export finished.
+quantization type, a Modelfile for Ollama, report.md and report.json. Every output is written under a temp
+name and renamed when its stage succeeds, so an interrupted or failed export leaves only complete earlier
+outputs. report.json is written last: its presence means the export finished. Events go to stdout and
+<export dir>/events.jsonl, as every engine process does.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def default_export_dir(workspace: Workspace, run_id: str, step: int) -> Path:
 
 
 class StageClock:
-    """Emits Progress events for the current stage (at most a few per second) and records each stage's duration."""
+    """Emits Progress events for the current stage (a few per second at most) and records stage durations."""
 
     def __init__(self, writer: EventWriter | None, *, min_interval: float = 0.25) -> None:
         self.writer = writer
@@ -187,7 +188,7 @@ class StageClock:
 
 
 def inject_fault(stage: str) -> None:
-    """Fail on purpose at `stage` when `$TUNEDECK_FAULT` is `export:<stage>` (tests prove nothing half-done is left)."""
+    """Fail on purpose at `stage` if $TUNEDECK_FAULT is `export:<stage>` (tests: nothing half-done stays)."""
     wanted = os.environ.get(FAULT_ENV, "")
     if not wanted.startswith("export:"):
         return
@@ -212,7 +213,7 @@ def _human(size: float) -> str:
 
 
 def free_disk_bytes(folder: Path) -> int:
-    """Free bytes on the disk holding `folder` (its nearest existing parent); `$TUNEDECK_FREE_DISK_BYTES` overrides."""
+    """Free bytes on the disk of `folder` (or its nearest parent); $TUNEDECK_FREE_DISK_BYTES overrides."""
     override = os.environ.get(FREE_DISK_ENV, "").strip()
     if override:
         return int(float(override))
@@ -249,7 +250,7 @@ def _safetensors_headers(folder: Path) -> Iterator[dict[str, Any]]:
 
 
 def count_parameters(folder: Path) -> int:
-    """Number of weights stored in a folder's safetensors files, read from their headers (nothing is loaded)."""
+    """Number of weights in a folder's safetensors files, read from their headers (nothing is loaded)."""
     total = 0
     for header in _safetensors_headers(folder):
         for name, entry in header.items():
@@ -299,7 +300,7 @@ def _local_base_dir(resolved: str) -> Path:
 
     try:
         return Path(snapshot_download(resolved, local_files_only=True))
-    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises several unrelated types here
+    except Exception as exc:
         raise ExportError(
             f"The base model {resolved} is not in the local Hugging Face cache ({type(exc).__name__}).",
             next_step=f"Download it (`hf download {resolved}`) or pass --base with a local folder.",
@@ -333,7 +334,7 @@ def _pick_checkpoint(run_dir: Path, step: int | None) -> Path:
 
 
 def locate(options: ExportOptions) -> tuple[Path, Workspace, Recipe, Path, int, Path]:
-    """Cheap first checks: the run, its recipe, the checkpoint and the export folder (nothing heavy is imported)."""
+    """Cheap first checks: the run, its recipe, the checkpoint and the export folder (no heavy imports)."""
     run_dir = Path(options.run_dir).expanduser().resolve()
     if not (run_dir / RUN_RECIPE_FILE).is_file():
         raise ExportError(
@@ -377,16 +378,17 @@ def preflight(
     reason = four_bit_only_reason(base_dir)
     if reason == "gguf":
         raise ExportError(
-            f"The base model {base} is only a GGUF file, so there are no 16-bit weights to merge the adapter into.",
-            next_step="Pass --base (or set model.base) to the model's Hugging Face folder with safetensors weights "
-            "and export again.",
+            f"The base model {base} is only a GGUF file, so there are no 16-bit weights to merge the adapter "
+            "into.",
+            next_step="Pass --base (or set model.base) to the model's Hugging Face folder with safetensors "
+            "weights and export again.",
         )
     if reason:
         raise ExportError(
-            f"The base model {base} holds only {reason} weights, and merging into quantized weights gives tensors "
-            "llama.cpp cannot convert.",
-            next_step="Pass --base with the original 16-bit model it was quantized from (the adapter still applies) "
-            "and export again.",
+            f"The base model {base} holds only {reason} weights, and merging into quantized weights gives "
+            "tensors llama.cpp cannot convert.",
+            next_step="Pass --base with the original 16-bit model it was quantized from (the adapter still "
+            "applies) and export again.",
         )
     if not (base_dir / "config.json").is_file():
         raise ExportError(
@@ -401,8 +403,8 @@ def preflight(
         raise ExportError(
             f"llama.cpp's converter ({converter.source}, {converter.root}) cannot convert "
             f"{architecture or 'a model without an architecture in config.json'}.",
-            next_step=f"Point {convert.CONVERTER_DIR_ENV} at a newer llama.cpp checkout that supports it, or fine-tune"
-            " a supported family (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2, StableLM…).",
+            next_step=f"Point {convert.CONVERTER_DIR_ENV} at a newer llama.cpp checkout that supports it, or "
+            "fine-tune a supported family (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2, StableLM…).",
         )
     step_of(3, "checking the tokenizer")
     tokenizer_dir = checkpoint if (checkpoint / "tokenizer.json").is_file() else base_dir
@@ -424,7 +426,8 @@ def preflight(
         raise DiskFullError(
             f"The export needs about {_human(disk_needed)} free on the disk holding {export_dir} ({parts}), "
             f"but only {_human(disk_free)} is free.",
-            next_step="Free some space, pass --out with a folder on a bigger disk, or ask for fewer --quant types.",
+            next_step="Free some space, pass --out with a folder on a bigger disk, or ask for fewer --quant "
+            "types.",
         )
     memory_free = int(free_memory())
     full_precision = int(parameters * 4 * MEMORY_MARGIN)
@@ -437,7 +440,8 @@ def preflight(
         raise OutOfMemoryError(
             f"Merging the adapter needs about {_human(half_precision)} of memory for this "
             f"{parameters / 1e9:.2f}B-parameter model, but only {_human(memory_free)} is available.",
-            next_step="Stop other processes (a running chat or training), or export on a machine with more memory.",
+            next_step="Stop other processes (a running chat or training), or export on a machine with more "
+            "memory.",
         )
     save_dtype = _save_dtype(base_dir)
     return ExportPlan(
@@ -480,7 +484,7 @@ def _save_dtype(folder: Path) -> str:
 
 
 def _copy_tokenizer_files(plan: ExportPlan, target: Path) -> None:
-    """The checkpoint's tokenizer (it carries training's chat template), completed with base files it lacks."""
+    """The checkpoint's tokenizer (it carries training's chat template), completed with base files."""
     for source in (plan.checkpoint_dir, plan.base_dir):
         for name in convert.TOKENIZER_FILES:
             if (source / name).is_file() and not (target / name).exists():
@@ -504,7 +508,7 @@ def _quantized_modules(model: Any) -> list[str]:
 
 
 def merge_stage(plan: ExportPlan, clock: StageClock) -> tuple[Path, dict[str, Any]]:
-    """Merge the adapter into a 16-bit (never 4-bit) copy of the base and save it with tokenizer and chat template."""
+    """Merge the adapter into a 16-bit (never 4-bit) copy of the base; save it with tokenizer and template."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -517,7 +521,7 @@ def merge_stage(plan: ExportPlan, clock: StageClock) -> tuple[Path, dict[str, An
     with atomic_directory(final, replace=True) as temp:
         clock.update(0.05, f"loading the base model in {plan.merge_dtype}")
         if plan.is_adapter:
-            # load_for_inference never quantizes unless asked: a QLoRA run's base is reloaded in 16/32 bits here.
+            # load_for_inference quantizes only when asked: a QLoRA run's base is reloaded in 16/32 bits.
             model, tokenizer = load_for_inference(
                 plan.base, plan.checkpoint_dir, device="cpu", dtype=plan.merge_dtype, workspace=plan.workspace
             )
@@ -525,7 +529,9 @@ def merge_stage(plan: ExportPlan, clock: StageClock) -> tuple[Path, dict[str, An
             untied = _untie_adapted_embeddings(model)
             model = model.merge_and_unload(safe_merge=True)
             if untied:
-                fixes["untied"] = "the output layer was untied from the input embeddings (the adapter changes one)"
+                fixes["untied"] = (
+                    "the output layer was untied from the input embeddings (the adapter changed one)"
+                )
         else:
             from transformers import AutoTokenizer
 
@@ -536,7 +542,8 @@ def merge_stage(plan: ExportPlan, clock: StageClock) -> tuple[Path, dict[str, An
         leftovers = _quantized_modules(model)
         if leftovers:
             raise ExportError(
-                f"The merged model still has quantized layers ({leftovers[0]}…), which llama.cpp cannot convert.",
+                f"The merged model still has quantized layers ({leftovers[0]}…), which llama.cpp cannot "
+                "convert.",
                 next_step="Export from a 16-bit base model (pass --base with the unquantized folder).",
             )
         lora_keys = [key for key in model.state_dict() if "lora_" in key]
@@ -597,9 +604,9 @@ def _untie_adapted_embeddings(model: Any) -> bool:
 def prepare_converter_inputs(
     folder: Path, *, tokenizer_template: str = "", recipe_template: str = "", base_dir: Path | None = None
 ) -> dict[str, Any]:
-    """Make the merged folder say exactly what the GGUF must carry: one chat template (chat_template.jinja, also in
-    tokenizer_config.json) and, as EOS, the token that closes an assistant turn; BOS is added by the tokenizer
-    only when the template does not write it. Returns what was found and changed."""
+    """Make the merged folder say exactly what the GGUF must carry: one chat template (chat_template.jinja and
+    tokenizer_config.json) and, as EOS, the token that closes an assistant turn; the tokenizer adds BOS only
+    when the template does not write it. Returns what was found and changed."""
     from engine.template import DEFAULT_CHAT_TEMPLATE, read_chat_template
 
     folder = Path(folder)
@@ -610,7 +617,8 @@ def prepare_converter_inputs(
     if read_chat_template(folder) != template:
         changes.append("added the chat template training used")
     base_class = _tokenizer_class(base_dir) if base_dir is not None else ""
-    if config.get("tokenizer_class", "") in GENERIC_TOKENIZER_CLASSES and base_class not in GENERIC_TOKENIZER_CLASSES:
+    generic = GENERIC_TOKENIZER_CLASSES
+    if config.get("tokenizer_class", "") in generic and base_class not in generic:
         # Some converters dispatch on the class name (Phi-3 reads a GPT2Tokenizer's vocabulary, else wants
         # tokenizer.model); a checkpoint saved by transformers 5 names only its generic backend.
         changes.append(f"tokenizer_class restored to the base model's {base_class}")
@@ -769,7 +777,7 @@ def quantize_stage(
 def verify_stage(
     plan: ExportPlan, files: dict[str, Path], inputs: dict[str, Any], clock: StageClock
 ) -> dict[str, Any]:
-    """Check every GGUF's type, chat template and BOS/EOS as the file and llama.cpp report them; write the Modelfile."""
+    """Check each GGUF's type, chat template and BOS/EOS as file and llama.cpp see them; write Modelfile."""
     checks: dict[str, Any] = {}
     warnings: list[str] = []
     for index, (kind, path) in enumerate(files.items()):
@@ -827,7 +835,7 @@ def verify_stage(
 
 
 def build_modelfile(gguf_name: str, inputs: dict[str, Any]) -> tuple[str, bool]:
-    """An Ollama Modelfile for `gguf_name`: FROM, TEMPLATE (translated from the chat template), SYSTEM and stops."""
+    """An Ollama Modelfile for `gguf_name`: FROM, TEMPLATE (from the chat template), SYSTEM and stops."""
     template = inputs["chat_template"]
     special = {"bos_token": inputs.get("bos_token") or "", "eos_token": inputs.get("eos_token") or ""}
     found = convert.chat_format(template, special)
@@ -861,7 +869,7 @@ def _leading_special(text: str) -> str:
 
 
 def _clear_previous_outputs(export_dir: Path) -> None:
-    """Remove what an earlier attempt left (finished or not), so no old file passes for part of this export."""
+    """Remove what an earlier attempt left (finished or not): no old file may pass for part of this export."""
     if not export_dir.is_dir():
         return
     for entry in export_dir.iterdir():
@@ -886,7 +894,8 @@ def check_export_dir(export_dir: Path, *, force: bool) -> None:
     if (export_dir / REPORT_JSON).is_file() and not force:
         raise ExportError(
             f"This checkpoint was already exported to {export_dir}.",
-            next_step="Pass --force to export it again (the old files are replaced), or --out with another folder.",
+            next_step="Pass --force to export it again (the old files are replaced), or --out with another "
+            "folder.",
         )
 
 
@@ -999,7 +1008,7 @@ def build_report(
     parity_report: dict[str, Any],
     durations: dict[str, float],
 ) -> dict[str, Any]:
-    """report.json's content: what was exported from what, the checks, the parity results and the stage times."""
+    """report.json's content: what was exported from what, the checks, parity results and stage times."""
     return {
         "run_id": plan.run_id,
         "step": plan.step,
@@ -1183,7 +1192,8 @@ def main(argv: list[str] | None = None) -> int:
                 "Close other programs and retry.",
             )
         else:
-            cause = f"The export crashed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}."
+            first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+            cause = f"The export crashed: {type(exc).__name__}: {first_line}."
             step_hint = "See the export log for the traceback, and report it if it repeats."
         writer.emit(
             RunFailed(

@@ -1,7 +1,10 @@
-"""Padding-free QLoRA/LoRA training steps for CUDA: length-grouped steps, token-budget packing, varlen attention.
+"""Padding-free QLoRA/LoRA training steps for CUDA: length-grouped steps, token-budget packing, varlen
+attention.
 
-The trainer calls `apply_gpu_speedups(model, recipe)` on CUDA and, when it returns a runner, feeds each optimizer
-step's samples through `plan_micro_batches` + `pack_examples` + `runner.train_step`. Semantics match the plain path:
+The trainer calls `apply_gpu_speedups(model, recipe)` on CUDA and, when it returns a runner, feeds each
+optimizer
+step's samples through `plan_micro_batches` + `pack_examples` + `runner.train_step`. Semantics match the
+plain path:
 the same model and LoRA adapters, loss on answer tokens only, averaged over every answer token of the step.
 
 Importing this module needs only torch; bitsandbytes and liger-kernel are used when present.
@@ -29,15 +32,16 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MAX_TOKENS = 4096
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Step composition and micro-batching (pure Python, shared by every device)
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def length_grouped_steps(
     lengths: Sequence[int], samples_per_step: int, seed: int, megabatch_steps: int = 50
 ) -> list[list[int]]:
-    """Indices of each optimizer step: shuffled, sorted by length inside mega-batches, steps in shuffled order.
+    """Indices of each optimizer step: shuffled, sorted by length inside mega-batches, steps in shuffled
+    order.
 
     Samples of like length share a step (little padding, similar packs); the step order is random so that the
     loss curve does not walk from long to short samples.
@@ -57,7 +61,8 @@ def length_grouped_steps(
 def plan_micro_batches(indices: Sequence[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Split one step's samples into as few packs as fit `max_tokens` each, balanced by token count.
 
-    A sample longer than the budget gets a pack of its own. Longest-first into the lightest pack keeps the packs
+    A sample longer than the budget gets a pack of its own. Longest-first into the lightest pack keeps the
+    packs
     even, which keeps peak memory near `max_tokens` worth of activations.
     """
     if not indices:
@@ -88,9 +93,9 @@ def shard_for_rank(indices: Sequence[int], lengths: Sequence[int], world_size: i
     return sorted(shares[rank])
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Packing
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -121,7 +126,8 @@ def pack_examples(
 ) -> PackedBatch:
     """Pack (input_ids, labels) pairs, labels -100 where no loss is taken, into one padding-free row.
 
-    Position j predicts token j+1 of the same sample; a sample's last position predicts nothing, so no loss ever
+    Position j predicts token j+1 of the same sample; a sample's last position predicts nothing, so no loss
+    ever
     crosses into the next sample.
     """
     ids: list[int] = []
@@ -169,9 +175,9 @@ def pack_examples(
     return batch.to(device) if device is not None else batch
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Kernels: LoRA over a (4-bit) base linear, attention over packed samples, norms, loss
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class _FastDequant:
@@ -190,8 +196,10 @@ class _FastDequant:
         self.state = state
         self.stream = bnb_cuda_ops._get_raw_stream
         kind = state.quant_type
-        self.dequant_4bit = {torch.bfloat16: getattr(lib, f"cdequantize_blockwise_bf16_{kind}"),
-                             torch.float16: getattr(lib, f"cdequantize_blockwise_fp16_{kind}")}
+        self.dequant_4bit = {
+            torch.bfloat16: getattr(lib, f"cdequantize_blockwise_bf16_{kind}"),
+            torch.float16: getattr(lib, f"cdequantize_blockwise_fp16_{kind}"),
+        }
         self.dequant_absmax = lib.cdequantize_blockwise_fp32
         self.cache_absmax = cache_absmax
         self.absmax_cache: torch.Tensor | None = None
@@ -207,14 +215,28 @@ class _FastDequant:
             nested = state.state2
             absmax_u8 = state.absmax
             absmax = torch.empty(absmax_u8.shape, dtype=torch.float32, device=device)
-            self.dequant_absmax(nested.code.data_ptr(), absmax_u8.data_ptr(), nested.absmax.data_ptr(),
-                                absmax.data_ptr(), nested.blocksize, absmax_u8.numel(), stream)
+            self.dequant_absmax(
+                nested.code.data_ptr(),
+                absmax_u8.data_ptr(),
+                nested.absmax.data_ptr(),
+                absmax.data_ptr(),
+                nested.blocksize,
+                absmax_u8.numel(),
+                stream,
+            )
             absmax += state.offset
             if self.cache_absmax:
                 self.absmax_cache = absmax
         out = torch.empty(state.shape, dtype=dtype, device=device)
-        self.dequant_4bit[dtype](None, self.weight.data_ptr(), absmax.data_ptr(), out.data_ptr(), state.blocksize,
-                                 out.numel(), stream)
+        self.dequant_4bit[dtype](
+            None,
+            self.weight.data_ptr(),
+            absmax.data_ptr(),
+            out.data_ptr(),
+            state.blocksize,
+            out.numel(),
+            stream,
+        )
         return out
 
 
@@ -236,18 +258,25 @@ def enable_fast_dequant(model: nn.Module, cache_absmax: bool = False) -> int:
     """Give every CUDA 4-bit layer the direct dequantizer, after checking it matches bitsandbytes bit for bit.
 
     `cache_absmax` keeps each weight's double-quantized scales in float32 after first use (one kernel per
-    dequantization instead of three, for ~1/16 byte per weight). Returns how many layers got it (0 when the check
+    dequantization instead of three, for ~1/16 byte per weight). Returns how many layers got it (0 when the
+    check
     fails or bitsandbytes' internals differ from the expected).
     """
-    layers = [m for m in model.modules() if getattr(getattr(m, "weight", None), "quant_state", None) is not None
-              and m.weight.device.type == "cuda"]
+    layers = [
+        m
+        for m in model.modules()
+        if getattr(getattr(m, "weight", None), "quant_state", None) is not None
+        and m.weight.device.type == "cuda"
+    ]
     if not layers:
         return 0
     try:
         import bitsandbytes.functional as bnb_functional
 
         probe = _FastDequant(layers[0].weight)
-        expected = bnb_functional.dequantize_4bit(layers[0].weight, layers[0].weight.quant_state).to(torch.bfloat16)
+        expected = bnb_functional.dequantize_4bit(layers[0].weight, layers[0].weight.quant_state).to(
+            torch.bfloat16
+        )
         if not torch.equal(probe(torch.bfloat16), expected):
             log.warning("direct 4-bit dequantization differs from bitsandbytes; using bitsandbytes")
             return 0
@@ -270,16 +299,28 @@ def _accumulate_grad(param: torch.Tensor, grad: torch.Tensor, alpha: float = 1.0
 class _LoraLinear(torch.autograd.Function):
     """y = residual + x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ in one node.
 
-    Saves only x, the dropout mask and x·Aᵀ (not a copy of the base output); the frozen base weight is dequantized
-    again in backward rather than kept, as bitsandbytes does. Adding the residual here saves a pass over the output.
-    The adapter weights are used in the compute dtype (`a_low`, `b_low`, cast once per layer by the caller) and their
+    Saves only x, the dropout mask and x·Aᵀ (not a copy of the base output); the frozen base weight is
+    dequantized
+    again in backward rather than kept, as bitsandbytes does. Adding the residual here saves a pass over the
+    output.
+    The adapter weights are used in the compute dtype (`a_low`, `b_low`, cast once per layer by the caller)
+    and their
     gradients are added straight into the float32 `.grad` buffers, which saves casts and autograd bookkeeping.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, residual: torch.Tensor | None, base: nn.Module, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, a_low: torch.Tensor | None, b_low: torch.Tensor | None, scaling: float,
-                dropout_p: float) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        base: nn.Module,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        a_low: torch.Tensor | None,
+        b_low: torch.Tensor | None,
+        scaling: float,
+        dropout_p: float,
+    ) -> torch.Tensor:
         dtype = x.dtype
         a = a_low if a_low is not None else lora_a.detach().to(dtype)
         b = b_low if b_low is not None else lora_b.detach().to(dtype)
@@ -310,8 +351,9 @@ class _LoraLinear(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         inverse_keep = 1.0 / (1.0 - ctx.dropout_p)
         # s·(grad_out·B) without a separate scaling pass (beta=0 ignores the uninitialised input).
-        grad_hidden = torch.addmm(grad_out.new_empty(grad_out.shape[0], b.shape[1]), grad_out, b, beta=0,
-                                  alpha=ctx.scaling)
+        grad_hidden = torch.addmm(
+            grad_out.new_empty(grad_out.shape[0], b.shape[1]), grad_out, b, beta=0, alpha=ctx.scaling
+        )
         if ctx.lora_b.requires_grad:
             _accumulate_grad(ctx.lora_b, torch.mm(grad_out.t(), hidden), ctx.scaling)
         if ctx.lora_a.requires_grad:
@@ -325,7 +367,9 @@ class _LoraLinear(torch.autograd.Function):
                 grad_x = torch.mm(grad_out, weight)
                 grad_x.addmm_(grad_hidden, a)
             else:
-                lora_part = torch.ops.aten.native_dropout_backward(torch.mm(grad_hidden, a), keep, inverse_keep)
+                lora_part = torch.ops.aten.native_dropout_backward(
+                    torch.mm(grad_hidden, a), keep, inverse_keep
+                )
                 grad_x = torch.addmm(lora_part, grad_out, weight)
             del weight
         return grad_x, grad_out if ctx.has_residual else None, None, None, None, None, None, None, None
@@ -360,13 +404,29 @@ def _lora_parts(module: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tenso
     )
 
 
-def linear(module: nn.Module, x: torch.Tensor, fused_lora: bool = True, residual: torch.Tensor | None = None,
-           low: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+def linear(
+    module: nn.Module,
+    x: torch.Tensor,
+    fused_lora: bool = True,
+    residual: torch.Tensor | None = None,
+    low: dict[int, torch.Tensor] | None = None,
+    parts_cache: dict[int, Any] | None = None,
+) -> torch.Tensor:
     """Apply a (possibly LoRA-wrapped, possibly 4-bit) linear layer to a 2-D input, plus `residual` if given.
 
-    `low` maps id(adapter weight) to that weight already cast to the compute dtype.
+    `low` maps id(adapter weight) to that weight already cast to the compute dtype; `parts_cache` memoises the
+    module inspection (keyed by id and training mode), which otherwise costs more host time than a kernel
+    launch.
     """
-    parts = _lora_parts(module) if fused_lora else None
+    if not fused_lora:
+        parts = None
+    elif parts_cache is None:
+        parts = _lora_parts(module)
+    else:
+        key = (id(module), module.training)
+        if key not in parts_cache:
+            parts_cache[key] = _lora_parts(module)
+        parts = parts_cache[key]
     if parts is None:
         out = module(x)
         return out if residual is None else residual + out
@@ -447,6 +507,126 @@ def packed_attention(
     return torch.cat(outputs, dim=0)
 
 
+class _StoredTensor:
+    """A checkpointed layer input kept on the GPU, or copied to pinned host memory and brought back on
+    demand."""
+
+    def __init__(
+        self,
+        tensor: torch.Tensor | None = None,
+        host: torch.Tensor | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        self.tensor = tensor
+        self.host = host
+        self.device = device
+        self.ready: torch.cuda.Event | None = None
+
+
+class _Offloader:
+    """Moves checkpointed layer inputs to pinned host memory on a side stream, and back one layer ahead of
+    use.
+
+    Copies overlap the layers' compute (separate copy engines), so a pack's activations cost one layer's
+    input of
+    GPU memory instead of one per layer, which lets packs grow at the same peak memory.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.enabled = enabled and device.type == "cuda"
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if self.enabled else None
+
+    def store(self, tensor: torch.Tensor) -> _StoredTensor:
+        if not self.enabled:
+            return _StoredTensor(tensor=tensor)
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            host.copy_(tensor, non_blocking=True)
+        tensor.record_stream(self.stream)  # keep the allocator from reusing it before the copy has read it
+        return _StoredTensor(host=host, device=tensor.device)
+
+    def prefetch(self, stored: _StoredTensor) -> None:
+        if stored.host is None or stored.tensor is not None:
+            return
+        with torch.cuda.stream(self.stream):
+            stored.tensor = stored.host.to(stored.device, non_blocking=True)
+            stored.ready = torch.cuda.Event()
+            stored.ready.record(self.stream)
+
+    def load(self, stored: _StoredTensor) -> torch.Tensor:
+        if stored.host is None:
+            return stored.tensor
+        self.prefetch(stored)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(stored.ready)
+        tensor = stored.tensor
+        tensor.record_stream(current)
+        stored.tensor = None
+        return tensor
+
+
+class _CheckpointedLayer(torch.autograd.Function):
+    """Runs a decoder layer without keeping its activations, and recomputes them in backward (reentrant
+    style).
+
+    Only the layer input is kept (possibly on the host); the dropout RNG state is restored for the
+    recompute, so
+    backward sees exactly the forward's masks. Lower host overhead than hook-based (non-reentrant)
+    checkpointing.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        runner: PackedCausalLM,
+        index: int,
+        layer: nn.Module,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: PackedBatch,
+        stored: list[_StoredTensor],
+    ) -> torch.Tensor:
+        ctx.runner, ctx.index, ctx.layer, ctx.cos, ctx.sin, ctx.batch, ctx.stored = (
+            runner,
+            index,
+            layer,
+            cos,
+            sin,
+            batch,
+            stored,
+        )
+        device = hidden.device
+        ctx.rng_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+        stored.append(runner.offloader.store(hidden.detach()))
+        with torch.no_grad():
+            return runner._layer(layer, hidden, cos, sin, batch)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        runner = ctx.runner
+        hidden = runner.offloader.load(ctx.stored[ctx.index])
+        if ctx.index > 0:
+            runner.offloader.prefetch(ctx.stored[ctx.index - 1])
+        hidden = hidden.detach().requires_grad_(True)
+        device = hidden.device
+        cuda = device.type == "cuda"
+        with torch.random.fork_rng(devices=[device] if cuda else [], device_type=device.type):
+            if cuda:
+                torch.cuda.set_rng_state(ctx.rng_state, device)
+            else:
+                torch.set_rng_state(ctx.rng_state)
+            with (
+                torch.enable_grad(),
+                torch.autocast(device_type=device.type, dtype=runner.dtype, enabled=cuda),
+            ):
+                out = runner._layer(ctx.layer, hidden, ctx.cos, ctx.sin, ctx.batch)
+        torch.autograd.backward(out, grad_out)
+        return hidden.grad, None, None, None, None, None, None, None
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -515,9 +695,9 @@ def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor)
     return F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The runner
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -540,13 +720,18 @@ class FastOptions:
     cache_absmax: bool = False
     # RMSNorm through liger-kernel (True) or PyTorch (False); liger's other kernels follow `use_liger`.
     liger_norm: bool = True
+    # Keep checkpointed layer inputs in pinned host memory (CUDA): bigger packs at the same peak memory.
+    offload_checkpoints: bool = True
 
 
 class FlatParameters:
-    """Views every trainable tensor into one buffer (and its gradient into another), so optimizers see one tensor.
+    """Views every trainable tensor into one buffer (and its gradient into another), so optimizers see one
+    tensor.
 
-    Element-wise optimizers (AdamW, SGD) compute exactly what they compute per tensor; global-norm clipping too.
-    Gradients stay allocated between steps (zeroed, not freed), so autograd accumulates into the views in place.
+    Element-wise optimizers (AdamW, SGD) compute exactly what they compute per tensor; global-norm clipping
+    too.
+    Gradients stay allocated between steps (zeroed, not freed), so autograd accumulates into the views in
+    place.
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
@@ -557,9 +742,9 @@ class FlatParameters:
         offset = 0
         for param in params:
             count = param.numel()
-            data[offset:offset + count].copy_(param.detach().reshape(-1))
-            param.data = data[offset:offset + count].view_as(param)
-            param.grad = grad[offset:offset + count].view_as(param)
+            data[offset : offset + count].copy_(param.detach().reshape(-1))
+            param.data = data[offset : offset + count].view_as(param)
+            param.grad = grad[offset : offset + count].view_as(param)
             offset += count
         self.param = nn.Parameter(data)
         self.param.grad = grad
@@ -643,14 +828,16 @@ class PackedCausalLM:
             enable_fast_dequant(model, self.options.cache_absmax) if self.options.fast_dequant else 0
         )
         self.layer_chunks = self._layer_chunks() if self.flat is not None else {}
+        self.parts_cache: dict[Any, Any] = {}
+        self.offloader = _Offloader(self.device, self.options.offload_checkpoints)
 
     def _layer_chunks(self) -> dict[int, tuple[int, int, list[tuple[torch.Tensor, int]]]]:
-        """For each decoder layer whose adapter weights are contiguous in the flat buffer: its slice and members."""
+        """Each decoder layer's flat-buffer slice and members, where its adapters are adjacent."""
         flat = self.flat.param
         base_ptr = flat.data_ptr()
         size = flat.element_size()
         chunks = {}
-        for index, layer in enumerate(self.decoder.layers):
+        for layer in self.decoder.layers:
             members = [(p, (p.data_ptr() - base_ptr) // size) for p in layer.parameters() if p.requires_grad]
             if not members:
                 continue
@@ -667,35 +854,42 @@ class PackedCausalLM:
             return None
         start, end, members = chunk
         low = self.flat.param.detach()[start:end].to(self.dtype)
-        return {id(p): low[offset - start: offset - start + p.numel()].view(p.shape) for p, offset in members}
+        return {
+            id(p): low[offset - start : offset - start + p.numel()].view(p.shape) for p, offset in members
+        }
 
     def optimizer_parameters(self) -> list[torch.nn.Parameter]:
         """The tensors to give the optimizer (one flat tensor when flattening is on)."""
         return [self.flat.param] if self.flat is not None else list(self.trainable)
 
-    # -- forward -------------------------------------------------------------------------------------------------
+    # -- forward
+    # -------------------------------------------------------------------------------------------------
 
     def _layer(
         self, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PackedBatch
     ) -> torch.Tensor:
         fused = self.options.fused_lora
         low = self._low_precision(layer) if fused else None
+        pc = self.parts_cache
         tokens = hidden.shape[0]
         attn = layer.self_attn
         x = self.kernels.rms_norm(layer.input_layernorm, hidden)
-        q = linear(attn.q_proj, x, fused, low=low).view(tokens, -1, self.head_dim)
-        k = linear(attn.k_proj, x, fused, low=low).view(tokens, -1, self.head_dim)
-        v = linear(attn.v_proj, x, fused, low=low).view(tokens, -1, self.head_dim)
+        q = linear(attn.q_proj, x, fused, low=low, parts_cache=pc).view(tokens, -1, self.head_dim)
+        k = linear(attn.k_proj, x, fused, low=low, parts_cache=pc).view(tokens, -1, self.head_dim)
+        v = linear(attn.v_proj, x, fused, low=low, parts_cache=pc).view(tokens, -1, self.head_dim)
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = self.kernels.rope(q, k, cos, sin)
         scale = float(getattr(attn, "scaling", self.head_dim**-0.5))
         attended = packed_attention(q, k, v, batch, scale).reshape(tokens, -1)
-        hidden = linear(attn.o_proj, attended, fused, residual=hidden, low=low)
+        hidden = linear(attn.o_proj, attended, fused, residual=hidden, low=low, parts_cache=pc)
         x = self.kernels.rms_norm(layer.post_attention_layernorm, hidden)
         mlp = layer.mlp
-        act = self.kernels.swiglu(linear(mlp.gate_proj, x, fused, low=low), linear(mlp.up_proj, x, fused, low=low))
-        return linear(mlp.down_proj, act, fused, residual=hidden, low=low)
+        act = self.kernels.swiglu(
+            linear(mlp.gate_proj, x, fused, low=low, parts_cache=pc),
+            linear(mlp.up_proj, x, fused, low=low, parts_cache=pc),
+        )
+        return linear(mlp.down_proj, act, fused, residual=hidden, low=low, parts_cache=pc)
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         """Final-norm hidden states of every packed token, (tokens, hidden)."""
@@ -705,9 +899,14 @@ class PackedCausalLM:
         keep = self.options.uncheckpointed_layers if self.options.gradient_checkpointing else len(layers)
         recompute_below = len(layers) - max(0, keep)
         use_checkpoint = torch.is_grad_enabled() and self.model.training
+        if use_checkpoint:
+            # The checkpoint function needs an input that requires grad for backward to reach layer 0's
+            # adapters.
+            hidden = hidden.detach().requires_grad_(True)
+        stored: list[_StoredTensor] = []
         for index, layer in enumerate(layers):
             if use_checkpoint and index < recompute_below:
-                hidden = checkpoint(self._layer, layer, hidden, cos, sin, batch, use_reentrant=False)
+                hidden = _CheckpointedLayer.apply(hidden, self, index, layer, cos, sin, batch, stored)
             else:
                 hidden = self._layer(layer, hidden, cos, sin, batch)
         return self.kernels.rms_norm(self.decoder.norm, hidden)
@@ -723,7 +922,8 @@ class PackedCausalLM:
             selected = hidden.index_select(0, batch.target_positions)
             return self.kernels.loss_sum(selected, self.lm_head.weight.to(self.dtype), batch.targets).float()
 
-    # -- optimisation --------------------------------------------------------------------------------------------
+    # -- optimisation
+    # --------------------------------------------------------------------------------------------
 
     def train_step(
         self,
@@ -801,7 +1001,8 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 6
 
 
 def options_from_recipe(recipe: Any) -> FastOptions:
-    """Packed-path options implied by a recipe (gradient checkpointing; token budget when the recipe names one)."""
+    """Packed-path options implied by a recipe (gradient checkpointing; token budget when the recipe names
+    one)."""
     train = recipe.train
     max_tokens = int(getattr(train, "max_tokens_per_batch", 0) or 0)
     return FastOptions(
@@ -813,7 +1014,8 @@ def options_from_recipe(recipe: Any) -> FastOptions:
 def apply_gpu_speedups(
     model: nn.Module, recipe: Any, options: FastOptions | None = None
 ) -> PackedCausalLM | None:
-    """A packed-path runner for `model` on CUDA, or None (with the reason logged) where the plain path must run."""
+    """A packed-path runner for `model` on CUDA, or None (with the reason logged) where the plain path must
+    run."""
     device = next(model.parameters()).device
     if device.type != "cuda":
         return None

@@ -75,7 +75,7 @@ def resolve_dataset(workspace: Workspace, name: str) -> Path:
     available = ", ".join(p.name for p in workspace.list_datasets()) or "none yet"
     raise DatasetError(
         f"There is no dataset {name!r} in {workspace.datasets_dir}.",
-        next_step=f"Set data.dataset to one of: {available} (or a path), or import one with `tunedeck data import`.",
+        next_step=f"Set data.dataset to one of: {available} (or a path), or `tunedeck data import` one.",
     )
 
 
@@ -132,7 +132,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def recipe_differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """`section.key: old → new` for every field that differs between two recipe dicts (description ignored)."""
+    """`section.key: old → new` for each field that differs between two recipe dicts (not the description)."""
     old, new = _flatten(before), _flatten(after)
     changes = []
     for key in sorted(set(old) | set(new)):
@@ -170,7 +170,7 @@ def read_run_meta(run_dir: Path) -> dict[str, Any]:
 
 
 def prepare_run(workspace: Workspace | Path | str, recipe: str | Path, overrides: Iterable[str] = ()) -> Path:
-    """Validate a recipe, its dataset and base model, then create `runs/<id>/` with recipe.toml and run.json."""
+    """Validate a recipe, its dataset and base model, then create `runs/<id>/` with recipe.toml, run.json."""
     ws = _as_workspace(workspace)
     recipe_file = recipe_path_for(ws, recipe)
     overrides = list(overrides)
@@ -222,7 +222,7 @@ def _child_env(run_dir: Path) -> dict[str, str]:
     paths = [str(REPO_ROOT), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
-    # The trainer uses no dataloader workers, so tokenizers' parallelism is safe; saying so silences its fork warning.
+    # The trainer forks no dataloader workers, so tokenizers may use threads; saying so silences its warning.
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["TUNEDECK_WORKSPACE"] = str(Path(run_dir).resolve().parent.parent)
     return env
@@ -275,7 +275,7 @@ def is_running(run_dir: Path) -> bool:
 
 
 def check_resumable(run_dir: Path, recipe: Recipe | None = None, *, check_running: bool = True) -> Path:
-    """The checkpoint a run would resume from; ResumeError when it is running, finished, has no checkpoint, or its
+    """The checkpoint a run resumes from; ResumeError when it is running, finished, has no checkpoint, or its
     recipe (`recipe`, else its own recipe.toml) or dataset changed since it started."""
     run_dir = Path(run_dir)
     run_id = run_dir.name

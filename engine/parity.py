@@ -46,7 +46,7 @@ class ParityQuestion:
     system: str = ""
 
     def messages(self, system_prompt: str = "") -> list[dict[str, str]]:
-        """The chat messages the model is asked (as engine.template.pair_messages builds them for training)."""
+        """The chat messages the model is asked (as engine.template.pair_messages builds them in training)."""
         system = self.system or system_prompt
         return ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": self.question}
@@ -83,7 +83,7 @@ def _spread(indices: list[int], limit: int) -> list[int]:
 def select_questions(
     run_dir: Path, recipe: Recipe, workspace: Workspace, *, per_split: int = 30
 ) -> list[ParityQuestion]:
-    """Up to `per_split` training and `per_split` held-out questions of the run's dataset, split as training did."""
+    """Up to `per_split` training and held-out questions each of the run's dataset, split as training did."""
     from engine.dataset import load_pairs
     from engine.launch import read_run_meta, resolve_dataset
     from engine.train import split_indices
@@ -92,12 +92,12 @@ def select_questions(
     try:
         recorded = (read_run_meta(run_dir).get("dataset") or {}).get("path")
         path = Path(recorded) if recorded else None
-    except Exception:  # noqa: BLE001 - an old or hand-made run folder without run.json still exports
+    except Exception:
         path = None
     if path is None or not path.is_file():
         try:
             path = resolve_dataset(workspace, recipe.data.dataset)
-        except Exception:  # noqa: BLE001 - the parity check is skipped, not the export
+        except Exception:
             log.warning("the run's dataset is gone; the parity check has no questions")
             return []
     pairs = load_pairs(path)
@@ -167,7 +167,7 @@ def gguf_answers(
             seed=0,
             verbose=False,
         )
-    except Exception as exc:  # noqa: BLE001 - llama-cpp-python raises ValueError/RuntimeError for bad files
+    except Exception as exc:
         raise ExportError(
             f"llama.cpp could not load {path.name}: {exc}.",
             next_step="See export.log for llama.cpp's log; export again.",
@@ -325,8 +325,9 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Export of {report['run_id']} at step {report['step']}",
         "",
-        f"- Base: `{report['base']}` ({report['architecture']}, {report['parameters'] / 1e6:.1f}M parameters, "
-        f"{report['method']}); merged in {report['merge_dtype']}, saved in {report['saved_dtype']}",
+        f"- Base: `{report['base']}` ({report['architecture']}, {report['parameters'] / 1e6:.1f}M "
+        f"parameters, {report['method']}); merged in {report['merge_dtype']}, saved in "
+        f"{report['saved_dtype']}",
         f"- Converter: {report['converter']['source']} `{report['converter']['root']}`; tokenizer "
         f"{report['converter']['tokenizer']['kind']}",
         f"- Chat: EOS `{report['chat']['eos_token']}`, BOS `{report['chat']['bos_token'] or '–'}` "
@@ -343,12 +344,13 @@ def report_markdown(report: dict[str, Any]) -> str:
         )
     parity = report.get("parity") or {}
     if parity.get("questions"):
+        split_counts = ", ".join(f"{n} {s}" for s, n in parity["by_split"].items())
         splits = list(parity["by_split"])
         lines += [
             "",
             "## Parity (greedy, adapter vs GGUF)",
             "",
-            f"{parity['questions']} questions ({', '.join(f'{n} {s}' for s, n in parity['by_split'].items())}),"
+            f"{parity['questions']} questions ({split_counts}),"
             f" at most {parity['max_new_tokens']} new tokens; agreement = difflib ratio ≥ "
             f"{parity['agreement_threshold']} with the adapter's answer.",
             "",

@@ -1,4 +1,4 @@
-"""Quantizes an f16 GGUF with llama.cpp's own quantizer (through llama-cpp-python) and keeps llama.cpp's log off stdout.
+"""Quantizes an f16 GGUF with llama.cpp's own quantizer (via llama-cpp-python), keeping its log off stdout.
 
 No llama.cpp binary is needed: `llama_cpp.llama_model_quantize` is the library call behind `llama-quantize`.
 """
@@ -24,7 +24,7 @@ llama_log = logging.getLogger("llama.cpp")
 
 DEFAULT_QUANTS = ("q4_0", "q5_1", "q8_0")
 
-# Bits per weight of each file type (block formats carry scales), for disk estimates before anything is written.
+# Bits per weight of each file type (block formats carry scales), for disk estimates before any write.
 BITS_PER_WEIGHT = {
     "f32": 32.0,
     "f16": 16.0,
@@ -64,7 +64,7 @@ def _llama_cpp() -> Any:
 
 
 def quant_types() -> dict[str, int]:
-    """Every file type this llama.cpp build can write, by lowercase name (q4_0, q5_1, q8_0, q4_k_m, f16, …)."""
+    """Every file type this llama.cpp build writes, by lowercase name (q4_0, q5_1, q8_0, q4_k_m, f16, …)."""
     llama_cpp = _llama_cpp()
     found: dict[str, int] = {}
     for name in dir(llama_cpp):
@@ -150,7 +150,7 @@ def _on_llama_log(level: int, text: bytes, _user: Any) -> None:
 
 
 def install_log_capture() -> None:
-    """Route llama.cpp's log through Python logging (stderr and the export log), never the process's stdout."""
+    """Route llama.cpp's log through Python logging (stderr and the export log), never to stdout."""
     global _installed_callback
     if _installed_callback is not None:
         return
@@ -223,7 +223,7 @@ def quantize_gguf(
             detail = errors[-1] if errors else f"llama_model_quantize returned {code}"
             raise ExportError(
                 f"llama.cpp could not quantize {Path(source).name} to {quant}: {detail.rstrip('.')}.",
-                next_step="Check free disk space and that the f16 GGUF loads; see export.log for llama.cpp's log.",
+                next_step="Check the free disk space and that the f16 GGUF loads (export.log has details).",
             )
         if before_commit is not None:
             before_commit()
@@ -240,7 +240,7 @@ def quantize_gguf(
 
 
 def llama_file_report(path: Path) -> dict[str, Any]:
-    """Load a GGUF through llama.cpp (memory-mapped, no context) and report its file type, description and specials."""
+    """Load a GGUF in llama.cpp (memory-mapped, no context); report file type, description and specials."""
     llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = 0

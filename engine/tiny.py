@@ -1,4 +1,4 @@
-"""Tiny random-init models with a locally trained tokenizer, for tests and benchmarks that must not download weights.
+"""Tiny random-init models with a locally trained tokenizer, for tests and benchmarks that download nothing.
 
 Hidden and intermediate sizes are multiples of 32 so llama.cpp quantizes every tensor.
 """
@@ -26,7 +26,7 @@ BASE_CORPUS = [
 def train_tokenizer(
     out_dir: Path, corpus: Iterable[str] = (), vocab_size: int = 512, extra_special: Iterable[str] = ()
 ) -> None:
-    """Train a byte-level BPE tokenizer on `corpus` and save it as a transformers fast tokenizer in `out_dir`."""
+    """Train a byte-level BPE tokenizer on `corpus`; save it as a transformers fast tokenizer in `out_dir`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -82,8 +82,8 @@ TINY_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
 # Converters that read a byte-level BPE tokenizer only when tokenizer_config.json names GPT2Tokenizer.
 _GPT2_TOKENIZER_CLASS = ("phi3",)
 
-# Phi-3: llama.cpp looks up its chat markers when loading the vocabulary, so the tiny tokenizer has them, and the
-# model ships Phi-3's own template (its turns end with <|end|>, not the tokenizer's EOS).
+# Phi-3: llama.cpp looks up its chat markers when loading the vocabulary, so the tiny tokenizer has them, and
+# the model ships Phi-3's own template (its turns end with <|end|>, not the tokenizer's EOS).
 PHI3_SPECIAL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 PHI3_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -95,7 +95,7 @@ PHI3_CHAT_TEMPLATE = (
 
 def tiny_config(
     arch: str, vocab_size: int, *, hidden: int = 64, intermediate: int = 128, layers: int = 2, heads: int = 4
-):  # noqa: ANN201 - a transformers config
+):
     """A random-init config of architecture `arch` (see TINY_ARCHITECTURES) with the given shape."""
     import transformers
 

@@ -1,8 +1,8 @@
-"""The training process: `python -m engine.train --run-dir DIR [--resume]` trains one run and reports it as events.
+"""The training process: `python -m engine.train --run-dir DIR [--resume]` trains one run, reporting events.
 
-stdout carries JSON-lines events only (also appended to DIR/events.jsonl); logs go to stderr and DIR/train.log.
+stdout carries JSON-lines events only (also appended to DIR/events.jsonl); logs go to stderr and train.log.
 The loop is transformers' Trainer with peft; this module adds what a long unattended run needs: prompt-masked
-examples rendered by engine.template, atomic step_<n> checkpoints, events with throughput and ETA, a clean stop
+examples rendered by engine.template, atomic step_<n> checkpoints, events with throughput and ETA, clean stops
 on SIGTERM/SIGINT, honest resume, and every failure reported as run_failed with a cause and a next step.
 """
 
@@ -73,7 +73,7 @@ class StopRequested(Exception):
 
 
 class StopSignal:
-    """Turns SIGTERM/SIGINT into a polite stop: before training an exception, during it a flag the loop checks."""
+    """Turns SIGTERM/SIGINT into a polite stop: an exception before training, a flag the loop checks in it."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -115,7 +115,9 @@ class Fault:
         except ValueError:
             number = -1.0
         if kind not in ("oom_at_step", "crash_at_step", "slow_steps") or number < 0:
-            log.warning("ignoring %s=%r (want oom_at_step:N, crash_at_step:N or slow_steps:SECONDS)", FAULT_ENV, spec)
+            log.warning(
+                "ignoring %s=%r (want oom_at_step:N, crash_at_step:N or slow_steps:SECONDS)", FAULT_ENV, spec
+            )
             return None
         return cls(kind, number)
 
@@ -133,7 +135,7 @@ class Fault:
         raise RuntimeError(f"simulated crash ({FAULT_ENV} at step {step})")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Data
 
 
@@ -198,7 +200,7 @@ def answer_window(inputs: dict[str, Any]) -> dict[str, Any]:
     start = max(first - 1, 0)
     if start == 0:
         return inputs
-    # The model shifts labels by one inside its window, so the window starts at the token before the first answer.
+    # The model shifts labels by one inside the window, so it starts one token before the first answer token.
     return {**inputs, "labels": labels[:, start:].contiguous(), "logits_to_keep": labels.shape[1] - start}
 
 
@@ -214,7 +216,7 @@ def accepts_logits_to_keep(model: Any) -> bool:
 
 
 class PadCollator:
-    """Pads a batch on the right: input ids with the pad id, labels with IGNORE_INDEX, optionally to a multiple."""
+    """Pads a batch on the right: ids with the pad id, labels with IGNORE_INDEX, optionally to a multiple."""
 
     def __init__(self, pad_id: int, multiple: int | None = None) -> None:
         self.pad_id = pad_id
@@ -239,7 +241,7 @@ class PadCollator:
         }
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
@@ -278,7 +280,7 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{step}"
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # The job
 
 
@@ -354,8 +356,8 @@ class TrainingJob:
             self.resume_checkpoint = check_resumable(self.run_dir, check_running=False)
         elif checkpoint_dirs(self.run_dir):
             raise TrainingError(
-                f"Run {self.run_dir.name} already has checkpoints, and a fresh start would overwrite its history.",
-                next_step=f"Resume it with `tunedeck train --resume {self.run_dir.name}`, or start a new run.",
+                f"Run {self.run_dir.name} has checkpoints already; a fresh start would overwrite them.",
+                next_step=f"Resume it (`tunedeck train --resume {self.run_dir.name}`) or start a new run.",
             )
         self._progress(0, 4, "checking the dataset")
         dataset = self._check_dataset(meta)
@@ -367,8 +369,12 @@ class TrainingJob:
         return self._train(recipe, model_path, pairs, dataset)
 
     def _train(self, recipe: Recipe, model_path: str, pairs: list[Any], dataset: DatasetInfo) -> str:
+        if recipe.train.method == "full" and recipe.model.dtype == "float16":
+            raise TrainingError(
+                "Full fine-tuning with float16 weights overflows and diverges.",
+                next_step="Set model.dtype=bfloat16 (or float32) for train.method=full.",
+            )
         self._progress(2, 4, f"loading {Path(model_path).name} for {recipe.train.method}")
-        import torch
         import transformers
         from transformers import PrinterCallback, TrainingArguments
 
@@ -388,11 +394,11 @@ class TrainingJob:
         self.logits_window = accepts_logits_to_keep(model)
         self._progress(3, 4, "starting the training loop")
         on_gpu = self.device.startswith("cuda")
-        half = recipe.train.method != "full" and on_gpu
-        compute_dtype = torch.bfloat16 if (on_gpu and torch.cuda.is_bf16_supported()) else torch.float16
         staging = self.run_dir / CHECKPOINTS_DIR / f"{STAGING_NAME}{os.getpid()}"
         has_eval = bool(examples.eval)
         args = TrainingArguments(
+            **_version_dependent_arguments(TrainingArguments, recipe),
+            **_mixed_precision(recipe, self.device),
             output_dir=str(staging),
             per_device_train_batch_size=recipe.train.batch_size,
             per_device_eval_batch_size=recipe.train.batch_size,
@@ -401,15 +407,10 @@ class TrainingJob:
             max_steps=recipe.train.max_steps if recipe.train.max_steps > 0 else -1,
             learning_rate=recipe.train.learning_rate,
             lr_scheduler_type=recipe.train.lr_scheduler,
-            warmup_steps=recipe.train.warmup_ratio,
+            warmup_steps=recipe.train.warmup_ratio,  # a float below 1 is a fraction of the total steps
             weight_decay=recipe.train.weight_decay,
             max_grad_norm=recipe.train.max_grad_norm,
             optim=_optimizer(recipe.train.optimizer, self.device),
-            gradient_checkpointing=recipe.train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-            if recipe.train.gradient_checkpointing
-            else None,
-            train_sampling_strategy="group_by_length" if recipe.train.group_by_length else "random",
             seed=recipe.train.seed,
             data_seed=recipe.train.seed,
             logging_strategy="steps",
@@ -418,13 +419,11 @@ class TrainingJob:
             save_steps=recipe.train.save_steps if recipe.train.save_steps > 0 else 500,
             eval_strategy=("steps" if recipe.train.eval_steps > 0 else "epoch") if has_eval else "no",
             eval_steps=recipe.train.eval_steps if recipe.train.eval_steps > 0 else None,
-            bf16=half and compute_dtype == torch.bfloat16,
-            fp16=half and compute_dtype == torch.float16 and recipe.model.dtype != "float32",
             use_cpu=not on_gpu,
             report_to="none",
             disable_tqdm=True,
             remove_unused_columns=False,
-            # Evaluation needs only the loss; gathering every position's logits is how eval runs out of memory.
+            # Evaluation needs only the loss; gathering all positions' logits is how eval runs out of memory.
             prediction_loss_only=True,
             dataloader_num_workers=0,
             save_total_limit=None,
@@ -503,7 +502,7 @@ class TrainingJob:
             self.fault.at_step(step)
 
     def save_checkpoint(self, save: Any, step: int) -> None:
-        """Run the Trainer's save into a staging folder, then rename it to checkpoints/step_<n> (never over one)."""
+        """Save into a staging folder, then rename it to checkpoints/step_<n> (never onto one)."""
         final = checkpoint_path(self.run_dir, step)
         if final.exists():
             log.info("checkpoint %s exists already; keeping it as it is", final.name)
@@ -568,6 +567,36 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _version_dependent_arguments(arguments_class: type, recipe: Recipe) -> dict[str, Any]:
+    """Checkpointing and length-grouping options under the names this transformers version uses."""
+    fields = {field.name for field in dataclasses.fields(arguments_class)}
+    checkpointing = (
+        "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    )
+    enabled = recipe.train.gradient_checkpointing
+    # Non-reentrant checkpointing needs no input gradients, which frozen (LoRA) embeddings would not provide.
+    options: dict[str, Any] = {
+        checkpointing: enabled,
+        f"{checkpointing}_kwargs": {"use_reentrant": False} if enabled else None,
+    }
+    if "train_sampling_strategy" in fields:
+        options["train_sampling_strategy"] = "group_by_length" if recipe.train.group_by_length else "random"
+    else:
+        options["group_by_length"] = recipe.train.group_by_length
+    return options
+
+
+def _mixed_precision(recipe: Recipe, device: str) -> dict[str, bool]:
+    """Autocast flags: adapters over a 16-bit base on a GPU compute in bf16 (fp16 where bf16 is missing)."""
+    import torch
+
+    if not device.startswith("cuda") or recipe.train.method == "full" or recipe.model.dtype == "float32":
+        # Full fine-tuning trains the weights in the dtype they were loaded in; CPUs compute in float32.
+        return {"bf16": False, "fp16": False}
+    bf16 = torch.cuda.is_bf16_supported()
+    return {"bf16": bf16, "fp16": not bf16}
+
+
 def _optimizer(name: str, device: str) -> str:
     # Paged and 8-bit optimizers live in bitsandbytes' CUDA kernels; fused AdamW needs a GPU too.
     if device.startswith("cuda"):
@@ -590,7 +619,7 @@ class _SaveCall:
 
 
 def _trainer_parts() -> tuple[type, type]:
-    """The Trainer subclass and the event callback (built lazily: transformers loads only once training starts)."""
+    """The Trainer subclass and the event callback, built lazily so transformers loads only to train."""
     from transformers import Trainer, TrainerCallback
 
     class TunedeckTrainer(Trainer):
@@ -600,8 +629,13 @@ def _trainer_parts() -> tuple[type, type]:
             super().__init__(*args, **kwargs)
             self.job = job
 
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
             if self.job.logits_window:
                 inputs = answer_window(inputs)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -667,12 +701,12 @@ def _trainer_parts() -> tuple[type, type]:
     return TunedeckTrainer, EventCallback
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # The process
 
 
 def _setup_logging(log_path: Path) -> None:
-    """Log to stderr, and to train.log unless stderr already is that file (as when engine.launch spawned us)."""
+    """Log to stderr, and to train.log unless stderr already is that file."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     try:
         same = os.path.samestat(os.fstat(2), os.stat(log_path))
@@ -684,6 +718,8 @@ def _setup_logging(log_path: Path) -> None:
     for handler in handlers:
         handler.setFormatter(formatter)
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
+    # bitsandbytes warns on import that optional CPU kernels (a hub download) are missing; none are needed.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def failure_of(exc: BaseException, log_path: Path) -> EngineError:
@@ -700,7 +736,7 @@ def failure_of(exc: BaseException, log_path: Path) -> EngineError:
     detail = f": {first_line}" if first_line else ""
     return TrainingError(
         f"Training stopped on an unexpected {type(exc).__name__}{detail}.",
-        next_step=f"See the traceback in {log_path}; resume from the last checkpoint once the cause is fixed.",
+        next_step=f"See the traceback in {log_path}; resume from the last checkpoint once it is fixed.",
     )
 
 

@@ -82,7 +82,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_qa_path: Path)
     """A tiny random-init Llama (hidden 64, 2 layers) whose BPE tokenizer was trained on the tiny Q/A set."""
     from engine.tiny import build_tiny_model, corpus_from_jsonl
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny", corpus=corpus_from_jsonl(tiny_qa_path))
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-model") / "tiny", corpus=corpus_from_jsonl(tiny_qa_path)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +114,9 @@ def demo_run_dir(demo_workspace: Workspace, demo_model_dir: Path) -> Path:
     run_dir = demo_workspace.runs_dir / run_id
     summary = wait_run(run_dir, timeout=900)
     if summary.status != "finished":
-        pytest.fail(f"demo-cpu run ended {summary.status}: {summary.cause} {summary.next_step} (see {run_dir})")
+        pytest.fail(
+            f"demo-cpu run ended {summary.status}: {summary.cause} {summary.next_step} (see {run_dir})"
+        )
     return run_dir
 
 
@@ -124,7 +128,7 @@ def workspace(tmp_path: Path) -> Workspace:
 
 @pytest.fixture
 def tiny_workspace(workspace: Workspace, tiny_model_dir: Path, tiny_qa_path: Path) -> Workspace:
-    """A fresh workspace with the tiny dataset in datasets/ and recipes/tiny.toml pointing at the tiny model."""
+    """A fresh workspace with the tiny dataset in datasets/ and recipes/tiny.toml using the tiny model."""
     shutil.copyfile(tiny_qa_path, workspace.datasets_dir / "tiny_qa.jsonl")
     recipes = workspace.root / "recipes"
     recipes.mkdir(exist_ok=True)

@@ -136,6 +136,23 @@ def test_invalid_json_names_line_and_column(tmp_path: Path) -> None:
     assert "close it with '}'" in problem.fix
 
 
+def test_json_error_wording_reads_as_one_phrase(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "d.jsonl", '{"question": "q, "answer": "a"}\n'))
+    assert "at at" not in problem.message
+    problem = only_problem(write(tmp_path / "e.jsonl", '{"question": "unterminated\n'))
+    assert problem.message == "invalid JSON (unterminated string starting at column 14)"
+
+
+def test_raw_tabs_inside_strings_are_accepted(tmp_path: Path) -> None:
+    path = write(tmp_path / "d.jsonl", '{"question": "a\tb", "answer": "c"}\n')
+    assert load_pairs(path) == [QAPair("a\tb", "c")]
+
+
+def test_invalid_json_fix_shows_the_format_being_read(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path / "a.jsonl", "nope\n"), "alpaca")
+    assert '"instruction"' in problem.fix
+
+
 @pytest.mark.parametrize(
     ("line", "kind"),
     [("[1, 2]", "a list"), ('"just text"', "a string"), ("42", "a number"), ("null", "null")],
@@ -501,6 +518,11 @@ def test_csv_rows_with_the_wrong_field_count_name_line_and_row(tmp_path: Path) -
     ]
 
 
+def test_csv_rows_padded_with_empty_cells_are_accepted(tmp_path: Path) -> None:
+    path = write(tmp_path / "d.csv", "question,answer\nq,a,,\nq2,a2, ,\n")
+    assert import_file(path) == [QAPair("q", "a"), QAPair("q2", "a2")]
+
+
 def test_csv_bad_bytes_and_huge_fields(tmp_path: Path) -> None:
     huge = "x" * 300_000
     path = write(tmp_path / "d.csv", b"question,answer\nq,\xff\n" + f"q,{huge}\n".encode())
@@ -787,6 +809,31 @@ def test_lint_with_model_uses_the_renderer(
     assert "Longest pair: 1,000 tokens (line 2)." in out
 
 
+def test_lint_with_a_real_tokenizer_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("engine.template")
+    tokenizers = pytest.importorskip("tokenizers")
+    model = tmp_path / "model"
+    model.mkdir()
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|im_start|>", "<|im_end|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(["What is tunedeck? A terminal app."] * 10, trainer=trainer)
+    tokenizer.save(str(model / "tokenizer.json"))
+    (model / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    path = write(tmp_path / "d.jsonl", jsonl(QA, {"question": "q", "answer": "word " * 300}))
+
+    assert data_command.run(namespace(data_command="lint", file=path, model=model, max_tokens=200)) == 1
+    out = capsys.readouterr().out
+    assert "line 2: [too_long] the pair is " in out and "(estimated)" not in out
+    assert "Longest pair: " in out and "(line 2)" in out
+    assert data_command.run(namespace(data_command="lint", file=path, model=model, max_tokens=100_000)) == 0
+
+
 def test_lint_with_model_when_template_is_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -795,6 +842,22 @@ def test_lint_with_model_when_template_is_missing(
     assert data_command.run(namespace(data_command="lint", file=path, model=tmp_path)) == 2
     err = capsys.readouterr().err
     assert "engine.template" in err and "Drop --model" in err
+
+
+def test_lint_with_model_when_the_tokenizer_package_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class NeedsTokenizers:
+        @classmethod
+        def from_model_dir(cls, path: Path) -> NeedsTokenizers:
+            raise ModuleNotFoundError("No module named 'tokenizers'", name="tokenizers")
+
+    module = types.ModuleType("engine.template")
+    module.PromptRenderer = NeedsTokenizers  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "engine.template", module)
+    path = write(tmp_path / "d.jsonl", jsonl(QA))
+    assert data_command.run(namespace(data_command="lint", file=path, model=tmp_path)) == 2
+    assert "needs the package 'tokenizers'" in capsys.readouterr().err
 
 
 def test_lint_finds_a_dataset_by_name_in_the_workspace(

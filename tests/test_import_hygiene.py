@@ -1,4 +1,4 @@
-"""Modules the TUI and the quick CLI commands import must not load the ML stack (each import is checked alone)."""
+"""Modules the TUI and the quick CLI commands import must not load the ML stack (each checked alone)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ def _loaded_after_import(module: str) -> set[str]:
         f"importlib.import_module({module!r})\n"
         "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return set(json.loads(result.stdout.strip().splitlines()[-1]))
 

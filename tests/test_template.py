@@ -1,4 +1,4 @@
-"""The pure chat-template renderer: rendering, prompt/answer splitting, masks, and parity with transformers."""
+"""The pure chat-template renderer: rendering, prompt/answer splits, masks, and parity with transformers."""
 
 from __future__ import annotations
 
@@ -42,13 +42,17 @@ def test_default_template_renders_chatml() -> None:
 
 def test_template_errors_are_model_errors() -> None:
     with pytest.raises(ModelError, match="refused"):
-        render_prompt("{{ raise_exception('only user and assistant roles') }}", [{"role": "user", "content": "q"}])
+        render_prompt(
+            "{{ raise_exception('only user and assistant roles') }}", [{"role": "user", "content": "q"}]
+        )
     with pytest.raises(ModelError, match="syntax error on line 1"):
         render_prompt("{% for m in messages %}", [{"role": "user", "content": "q"}])
 
 
 def test_generation_tag_and_tojson_like_transformers() -> None:
-    template = "{% for m in messages %}{% generation %}{{ m['content'] | tojson }}{% endgeneration %}{% endfor %}"
+    template = (
+        "{% for m in messages %}{% generation %}{{ m['content'] | tojson }}{% endgeneration %}{% endfor %}"
+    )
     assert render_prompt(template, [{"role": "user", "content": "é"}]) == '"é"'
 
 
@@ -57,9 +61,11 @@ def test_split_training_text_prompt_then_answer_and_end_of_turn() -> None:
     prompt, completion = split_training_text(DEFAULT_CHAT_TEMPLATE, pair, eos_token=IM_END)
     assert prompt.endswith("<|im_start|>assistant\n")
     assert completion == "Paris is the capital of France.<|im_end|>\n"
-    full = render_prompt(DEFAULT_CHAT_TEMPLATE, [{"role": "user", "content": pair.question},
-                                                 {"role": "assistant", "content": pair.answer}],
-                         add_generation_prompt=False)
+    full = render_prompt(
+        DEFAULT_CHAT_TEMPLATE,
+        [{"role": "user", "content": pair.question}, {"role": "assistant", "content": pair.answer}],
+        add_generation_prompt=False,
+    )
     assert prompt + completion == full
 
 
@@ -77,8 +83,11 @@ def test_row_system_prompt_wins_over_recipe_system_prompt() -> None:
 
 
 def test_read_chat_template_sources(tmp_path: Path) -> None:
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}
+        )
+    )
     assert read_chat_template(tmp_path) == "D"
     (tmp_path / "chat_template.jinja").write_text("J")
     assert read_chat_template(tmp_path) == "J"
@@ -95,7 +104,8 @@ def test_renderer_counts_masks_and_truncates(tiny_model_dir: Path) -> None:
         assert "".join(token.text for token in mask) == renderer.render(pair)
         trained_text = "".join(token.text for token in mask if token.trained)
         assert trained_text.startswith(pair.answer.strip()[:3]) or trained_text.lstrip().startswith(
-            pair.answer.strip()[:3])
+            pair.answer.strip()[:3]
+        )
         assert IM_END in trained_text and pair.question.strip()[:5] not in trained_text
         assert [label == IGNORE_INDEX for label in encoded.labels] == [not token.trained for token in mask]
     cut = renderer.encode(PAIRS[0], max_length=renderer.count(PAIRS[0]) - 3)
@@ -104,7 +114,7 @@ def test_renderer_counts_masks_and_truncates(tiny_model_dir: Path) -> None:
 
 
 def test_renderer_refuses_a_folder_without_tokenizer_json(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="tokenizer.json"):
+    with pytest.raises(ModelError, match=r"tokenizer\.json"):
         PromptRenderer.from_model_dir(tmp_path)
 
 
@@ -117,15 +127,18 @@ def _assert_parity_with_transformers(model_dir: Path) -> None:
     for pair in PAIRS:
         messages = [{"role": "system", "content": pair.system}] if pair.system else []
         messages += [{"role": "user", "content": pair.question}]
-        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=False)
-        full_ids = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": pair.answer}],
-                                                 tokenize=True, return_dict=False)
+        prompt_ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        full_ids = tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": pair.answer}], tokenize=True, return_dict=False
+        )
         encoded = renderer.encode(pair)
         assert encoded.input_ids == full_ids, pair
         assert encoded.prompt_tokens == len(prompt_ids) and full_ids[: len(prompt_ids)] == prompt_ids
         assert renderer.render_generation_prompt(messages) == tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False)
+            messages, add_generation_prompt=True, tokenize=False
+        )
 
 
 def test_token_ids_match_apply_chat_template_on_the_tiny_tokenizer(tiny_model_dir: Path) -> None:

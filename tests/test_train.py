@@ -49,12 +49,19 @@ def _recipe(workspace: Workspace) -> Path:
     return workspace.root / "recipes" / "tiny.toml"
 
 
-def _run_sync(run_dir: Path, *, resume: bool = False, env: dict[str, str] | None = None,
-              timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def _run_sync(
+    run_dir: Path, *, resume: bool = False, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
     """Run the trainer in the foreground, capturing its stdout (the event stream) and stderr (the log)."""
     full_env = {**_child_env(run_dir), **(env or {})}
-    return subprocess.run(train_command(run_dir, resume=resume), capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=run_dir)
+    return subprocess.run(
+        train_command(run_dir, resume=resume),
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=run_dir,
+    )
 
 
 def _steps(events: list[Event]) -> list[int]:
@@ -80,7 +87,9 @@ def test_lora_run_end_to_end(tiny_run_dir: Path) -> None:
     kinds = [event.type for event in events]
     assert kinds[0] == Progress.type and kinds[-1] == RunFinished.type and kinds.count(RunStarted.type) == 1
     started = next(event for event in events if isinstance(event, RunStarted))
-    assert started.total_steps == 80 and started.num_train == len(TINY_QA) and started.resumed_from_step is None
+    assert (
+        started.total_steps == 80 and started.num_train == len(TINY_QA) and started.resumed_from_step is None
+    )
     assert started.pid > 0 and started.method == "lora"
     steps = [event for event in events if isinstance(event, Step)]
     assert [step.step for step in steps] == list(range(1, 81))
@@ -91,14 +100,31 @@ def test_lora_run_end_to_end(tiny_run_dir: Path) -> None:
     assert saved == [20, 40, 60, 80]
     finished = events[-1]
     assert finished.status == "finished" and finished.step == 80 and finished.checkpoint.endswith("step_80")
-    assert [path.name for path in checkpoint_dirs(tiny_run_dir)] == ["step_20", "step_40", "step_60", "step_80"]
+    assert [path.name for path in checkpoint_dirs(tiny_run_dir)] == [
+        "step_20",
+        "step_40",
+        "step_60",
+        "step_80",
+    ]
     for checkpoint in checkpoint_dirs(tiny_run_dir):
         names = {path.name for path in checkpoint.iterdir()}
-        assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"} <= names
-        assert "chat_template.jinja" in names or "chat_template" in (checkpoint / "tokenizer_config.json").read_text()
+        assert {
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "trainer_state.json",
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng_state.pth",
+        } <= names
+        assert (
+            "chat_template.jinja" in names
+            or "chat_template" in (checkpoint / "tokenizer_config.json").read_text()
+        )
         assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == int(
-            checkpoint.name.removeprefix("step_"))
+            checkpoint.name.removeprefix("step_")
+        )
     leftovers = [path.name for path in (tiny_run_dir / "checkpoints").iterdir() if path.name.startswith(".")]
     assert leftovers == []
     meta = json.loads((tiny_run_dir / "run.json").read_text())
@@ -120,7 +146,7 @@ def test_trained_adapter_reloads_and_answers(tiny_run_dir: Path) -> None:
         ids = torch.tensor([renderer.tokenizer.encode(prompt, add_special_tokens=False).ids])
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
-        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
         correct += answer == row["answer"]
     assert correct >= len(TINY_QA) - 1
 
@@ -136,9 +162,16 @@ def test_stdout_is_events_only_with_eval_and_truncation_warning(tiny_workspace: 
     pairs = [QAPair(**row) for row in TINY_QA]
     max_length = max(renderer.encode(pair).prompt_tokens for pair in pairs) + 2
     too_long = sum(renderer.count(pair) > max_length for pair in pairs)
-    run_dir = prepare_run(tiny_workspace, _recipe(tiny_workspace),
-                          ["train.max_steps=2", "data.eval_fraction=0.34", "train.eval_steps=1",
-                           f"data.max_length={max_length}"])
+    run_dir = prepare_run(
+        tiny_workspace,
+        _recipe(tiny_workspace),
+        [
+            "train.max_steps=2",
+            "data.eval_fraction=0.34",
+            "train.eval_steps=1",
+            f"data.max_length={max_length}",
+        ],
+    )
     result = _run_sync(run_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     stdout_events = [parse_event(line) for line in result.stdout.splitlines()]
@@ -148,9 +181,13 @@ def test_stdout_is_events_only_with_eval_and_truncation_warning(tiny_workspace: 
     started = next(event for event in stdout_events if isinstance(event, RunStarted))
     assert (started.num_train, started.num_eval) == (4, 2)
     assert [event.step for event in stdout_events if isinstance(event, Eval)] == [1, 2]
-    warnings = [event.message for event in stdout_events if isinstance(event, Log) and event.level == "warning"]
-    assert too_long and any(f"{too_long} of {len(TINY_QA)} rows are longer than data.max_length={max_length}" in message
-               for message in warnings), warnings
+    warnings = [
+        event.message for event in stdout_events if isinstance(event, Log) and event.level == "warning"
+    ]
+    assert too_long and any(
+        f"{too_long} of {len(TINY_QA)} rows are longer than data.max_length={max_length}" in message
+        for message in warnings
+    ), warnings
 
 
 def test_qlora_trains_a_4bit_base_on_cpu(tiny_workspace: Workspace) -> None:
@@ -162,7 +199,9 @@ def test_qlora_trains_a_4bit_base_on_cpu(tiny_workspace: Workspace) -> None:
     recipe = load_recipe(_recipe(tiny_workspace), ["train.method=qlora"])
     model = load_model(recipe.model.base, recipe, load_tokenizer(recipe.model.base), device="cpu")
     assert any(isinstance(module, bnb.nn.Linear4bit) for module in model.modules())
-    run_dir = prepare_run(tiny_workspace, _recipe(tiny_workspace), ["train.method=qlora", "train.max_steps=3"])
+    run_dir = prepare_run(
+        tiny_workspace, _recipe(tiny_workspace), ["train.method=qlora", "train.max_steps=3"]
+    )
     result = _run_sync(run_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     events = read_events(run_dir / "events.jsonl")
@@ -173,8 +212,11 @@ def test_qlora_trains_a_4bit_base_on_cpu(tiny_workspace: Workspace) -> None:
 def test_full_fine_tuning_saves_a_loadable_model(tiny_workspace: Workspace) -> None:
     from engine.modeling import load_for_inference
 
-    run_dir = prepare_run(tiny_workspace, _recipe(tiny_workspace), ["train.method=full", "train.max_steps=3",
-                                                                    "train.learning_rate=1e-3"])
+    run_dir = prepare_run(
+        tiny_workspace,
+        _recipe(tiny_workspace),
+        ["train.method=full", "train.max_steps=3", "train.learning_rate=1e-3"],
+    )
     result = _run_sync(run_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     events = read_events(run_dir / "events.jsonl")
@@ -187,14 +229,18 @@ def test_full_fine_tuning_saves_a_loadable_model(tiny_workspace: Workspace) -> N
     assert tokenizer.chat_template and not hasattr(model, "peft_config")
 
 
-def test_sigkill_then_resume_continues_from_the_last_checkpoint(tiny_workspace: Workspace,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigkill_then_resume_continues_from_the_last_checkpoint(
+    tiny_workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TUNEDECK_FAULT", "slow_steps:0.15")
     run_id = start_run(tiny_workspace, _recipe(tiny_workspace), ["train.save_steps=4", "train.epochs=40"])
     run_dir = tiny_workspace.runs_dir / run_id
     events_path = run_dir / "events.jsonl"
-    _wait_for(lambda: any(isinstance(e, CheckpointSaved) and e.step >= 8 for e in read_events(events_path)),
-              120, "the step 8 checkpoint")
+    _wait_for(
+        lambda: any(isinstance(e, CheckpointSaved) and e.step >= 8 for e in read_events(events_path)),
+        120,
+        "the step 8 checkpoint",
+    )
     os.kill(run_pid(run_dir), signal.SIGKILL)
     _wait_for(lambda: not is_running(run_dir), 10, "the killed trainer to go")
     assert summarize_run(run_dir).status == "interrupted"
@@ -210,13 +256,18 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(tiny_workspace: 
     assert summary.status == "finished", summary
     events = read_events(events_path)
     starts = [event for event in events if isinstance(event, RunStarted)]
-    assert [start.resumed_from_step for start in starts] == [None, int(resume_from.name.removeprefix("step_"))]
-    after = events[events.index(starts[1]):]
+    assert [start.resumed_from_step for start in starts] == [
+        None,
+        int(resume_from.name.removeprefix("step_")),
+    ]
+    after = events[events.index(starts[1]) :]
     resumed_steps = _steps(after)
     assert resumed_steps == list(range(starts[1].resumed_from_step + 1, 41)), "the step count continues"
     assert starts[1].total_steps == starts[0].total_steps == 40
-    assert all(_digest(run_dir / "checkpoints" / name / "adapter_model.safetensors") == digest
-               for name, digest in kept.items()), "earlier checkpoints are untouched"
+    assert all(
+        _digest(run_dir / "checkpoints" / name / "adapter_model.safetensors") == digest
+        for name, digest in kept.items()
+    ), "earlier checkpoints are untouched"
     assert not stale.exists() and latest_checkpoint(run_dir).name == "step_40"
     lines = [line for line in events_path.read_text().splitlines() if line.strip()]
     assert len(read_events(events_path)) >= len(lines) - 1  # at most the line cut by the kill is unreadable
@@ -273,11 +324,12 @@ def test_simulated_oom_fails_fast_with_cause_and_next_step(tiny_workspace: Works
     assert summarize_run(run_dir).status == "failed"
 
 
-def test_missing_model_folder_fails_within_five_seconds(tiny_workspace: Workspace, tiny_model_dir: Path,
-                                                        tmp_path: Path) -> None:
+def test_missing_model_folder_fails_within_five_seconds(
+    tiny_workspace: Workspace, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     moved = tmp_path / "moved-model"
     shutil.copytree(tiny_model_dir, moved)
-    run_dir = prepare_run(tiny_workspace, _recipe(tiny_workspace), [f"model.base=\"{moved}\""])
+    run_dir = prepare_run(tiny_workspace, _recipe(tiny_workspace), [f'model.base="{moved}"'])
     shutil.rmtree(moved)  # the folder disappears between launch and start
     began = time.monotonic()
     result = _run_sync(run_dir, timeout=30)
@@ -289,11 +341,11 @@ def test_missing_model_folder_fails_within_five_seconds(tiny_workspace: Workspac
 
 
 def test_launch_checks_dataset_and_model_before_spawning(tiny_workspace: Workspace, tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="no dataset 'missing.jsonl'") as caught:
+    with pytest.raises(DatasetError, match=r"no dataset 'missing\.jsonl'") as caught:
         start_run(tiny_workspace, _recipe(tiny_workspace), ["data.dataset=missing.jsonl"])
     assert "tiny_qa.jsonl" in caught.value.next_step
     with pytest.raises(ModelError, match="does not exist"):
-        start_run(tiny_workspace, _recipe(tiny_workspace), [f"model.base=\"{tmp_path / 'nothing-here'}\""])
+        start_run(tiny_workspace, _recipe(tiny_workspace), [f'model.base="{tmp_path / "nothing-here"}"'])
     bad = tiny_workspace.datasets_dir / "bad.jsonl"
     bad.write_text('{"question": "q"}\n')
     with pytest.raises(DatasetError, match="line 1"):
@@ -301,8 +353,9 @@ def test_launch_checks_dataset_and_model_before_spawning(tiny_workspace: Workspa
     assert tiny_workspace.list_run_dirs() == []
 
 
-def test_sigterm_saves_a_checkpoint_and_ends_stopped(tiny_workspace: Workspace,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigterm_saves_a_checkpoint_and_ends_stopped(
+    tiny_workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TUNEDECK_FAULT", "slow_steps:0.2")
     run_id = start_run(tiny_workspace, _recipe(tiny_workspace), ["train.save_steps=1000"])
     run_dir = tiny_workspace.runs_dir / run_id

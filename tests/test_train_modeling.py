@@ -22,14 +22,26 @@ def bare_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(["user assistant system hello world the sky is blue"] * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(folder)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
-                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
@@ -46,8 +58,13 @@ def test_default_template_adds_chatml_tokens_and_makes_im_end_the_eos(bare_model
     assert added == tokenizer.convert_tokens_to_ids([IM_START, IM_END])
     ids = tokenizer("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)["input_ids"]
     assert ids[0] == added[0] and ids[-1] == added[1]  # each marker is one token
-    recipe = recipe_from_dict({"model": {"base": str(bare_model_dir), "dtype": "float32"},
-                               "train": {"method": "lora", "device": "cpu"}, "lora": {"r": 4, "alpha": 8}})
+    recipe = recipe_from_dict(
+        {
+            "model": {"base": str(bare_model_dir), "dtype": "float32"},
+            "train": {"method": "lora", "device": "cpu"},
+            "lora": {"r": 4, "alpha": 8},
+        }
+    )
     model = load_model(str(bare_model_dir), recipe, tokenizer, device="cpu")
     assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
     trainable = [name for name, param in model.named_parameters() if param.requires_grad]
@@ -70,13 +87,13 @@ def test_model_folder_checks_name_the_problem(tmp_path: Path, bare_model_dir: Pa
     with pytest.raises(ModelError, match="does not exist"):
         check_model_folder(tmp_path / "absent")
     (tmp_path / "no-config").mkdir()
-    with pytest.raises(ModelError, match="no config.json"):
+    with pytest.raises(ModelError, match=r"no config\.json"):
         check_model_folder(tmp_path / "no-config")
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (pickled / "pytorch_model.bin").write_bytes(b"\0")
-    with pytest.raises(ModelError, match="no .safetensors weights"):
+    with pytest.raises(ModelError, match=r"no \.safetensors weights"):
         check_model_folder(pickled)
     check_model_folder(bare_model_dir)
 

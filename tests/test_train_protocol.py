@@ -55,7 +55,7 @@ def test_readers_skip_unknown_malformed_and_truncated_lines(tmp_path: Path) -> N
     tail = EventTail(path)
     assert tail.poll() == events
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write('3}\n')  # the cut line completes: it is now a whole step event
+        handle.write("3}\n")  # the cut line completes: it is now a whole step event
     assert [event.step for event in tail.poll()] == [3]
 
 
@@ -75,12 +75,12 @@ def test_every_shipped_recipe_loads_and_round_trips(path: Path, tmp_path: Path) 
     ("text", "field", "hint"),
     [
         ("[train]\nepochz = 3\n", "train.epochz", "did you mean 'epochs'"),
-        ("[lora]\nr = \"sixteen\"\n", "lora.r", "whole number"),
+        ('[lora]\nr = "sixteen"\n', "lora.r", "whole number"),
         ("[train]\nlearning_rate = 2\n", "train.learning_rate", "between 0 and 1"),
         ("[data]\neval_fraction = 1.5\n", "data.eval_fraction", "below 1"),
-        ("[train]\nmethod = \"qlorra\"\n", "train.method", "did you mean 'qlora'"),
+        ('[train]\nmethod = "qlorra"\n', "train.method", "did you mean 'qlora'"),
         ("[train]\nbatch_size = 0\n", "train.batch_size", "greater than 0"),
-        ("[modle]\nbase = \"x\"\n", "modle", "did you mean 'model'"),
+        ('[modle]\nbase = "x"\n', "modle", "did you mean 'model'"),
     ],
 )
 def test_bad_recipes_name_the_file_and_the_field(tmp_path: Path, text: str, field: str, hint: str) -> None:
@@ -95,7 +95,7 @@ def test_bad_recipes_name_the_file_and_the_field(tmp_path: Path, text: str, fiel
 def test_overrides_are_validated_like_the_file() -> None:
     from engine.recipes import find_recipe
 
-    with pytest.raises(RecipeError, match="lora.r"):
+    with pytest.raises(RecipeError, match=r"lora\.r"):
         load_recipe(find_recipe("demo-cpu"), ["lora.r=-1"])
     assert load_recipe(find_recipe("demo-cpu"), ["train.epochs=2"]).train.epochs == 2.0
 

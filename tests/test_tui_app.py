@@ -1,4 +1,5 @@
-"""The app shell: tabs by key at 80×24, help, command palette, status line, failures, import hygiene, entry points."""
+"""The app shell: tabs by key at 80×24, help, command palette, status line, failures, import hygiene, entry
+points."""
 
 from __future__ import annotations
 
@@ -12,15 +13,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "tui"))
 
-from textual import work  # noqa: E402
-from textual.widgets import Input, TabbedContent  # noqa: E402
+from textual import work
+from textual.widgets import Input, TabbedContent
+from tui_workspace import engine_for, make_workspace, screen_text, wait_for
 
-from engine.errors import DiskFullError  # noqa: E402
-from engine.workspace import Workspace  # noqa: E402
-from tui.app import TABS, TunedeckApp, create_app  # noqa: E402
-from tui.screens.modals import ErrorScreen, HelpScreen  # noqa: E402
-from tui.widgets.status_line import StatusLine  # noqa: E402
-from tui_workspace import engine_for, make_workspace, screen_text, wait_for  # noqa: E402
+from engine.errors import DiskFullError
+from engine.workspace import Workspace
+from tui.app import TunedeckApp, create_app
+from tui.screens.modals import ErrorScreen, HelpScreen
+from tui.widgets.status_line import StatusLine
 
 REPO = Path(__file__).resolve().parent.parent
 HEAVY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "llama_cpp")
@@ -60,8 +61,16 @@ def test_number_and_function_keys_switch_tabs_but_type_into_inputs(tmp_path: Pat
         app = create_app(engine=engine_for(workspace))
         async with app.run_test(size=(80, 24)) as pilot:
             tabs = app.query_one(TabbedContent)
-            for key, tab in (("2", "train"), ("4", "export"), ("1", "dataset"), ("f3", "chat"), ("f2", "train"),
-                             ("f1", "dataset"), ("f4", "export"), ("3", "chat")):
+            for key, tab in (
+                ("2", "train"),
+                ("4", "export"),
+                ("1", "dataset"),
+                ("f3", "chat"),
+                ("f2", "train"),
+                ("f1", "dataset"),
+                ("f4", "export"),
+                ("3", "chat"),
+            ):
                 await pilot.press(key)
                 await pilot.pause()
                 assert tabs.active == tab, key
@@ -103,7 +112,15 @@ def test_help_lists_the_keys_of_every_tab(tmp_path: Path) -> None:
                 f"{title}: " + " ".join(binding.description for binding in bindings)
                 for title, bindings in app.screen.sections
             )
-            for expected in ("Dataset tab", "Train: New run", "Stop reply", "Compare", "Export", "Undo", "Filter"):
+            for expected in (
+                "Dataset tab",
+                "Train: New run",
+                "Stop reply",
+                "Compare",
+                "Export",
+                "Undo",
+                "Filter",
+            ):
                 assert expected in help_text, expected
             await pilot.press("escape")
             await wait_for(pilot, lambda: not isinstance(app.screen, HelpScreen))
@@ -143,9 +160,11 @@ def test_an_engine_error_in_a_worker_becomes_a_titled_notification(tmp_path: Pat
             view = app.query_one("#dataset-view")
 
             @work(thread=True, exit_on_error=False)
-            def failing(self) -> None:  # noqa: ANN001
-                raise DiskFullError("The disk filled up while writing x.jsonl; the previous version is untouched.",
-                                    next_step="Free some disk space and try again.")
+            def failing(self) -> None:
+                raise DiskFullError(
+                    "The disk filled up while writing x.jsonl; the previous version is untouched.",
+                    next_step="Free some disk space and try again.",
+                )
 
             failing(view)
             await wait_for(pilot, lambda: bool(app._notifications))
@@ -167,7 +186,7 @@ def test_an_unexpected_error_opens_a_modal_and_logs_the_traceback(tmp_path: Path
             view = app.query_one("#dataset-view")
 
             @work(thread=True, exit_on_error=False)
-            def buggy(self) -> None:  # noqa: ANN001
+            def buggy(self) -> None:
                 raise KeyError("question")
 
             buggy(view)
@@ -208,7 +227,9 @@ def test_the_tui_never_imports_the_ml_stack(tmp_path: Path) -> None:
         "engine.launcher\n"
         f"print(','.join(m for m in {HEAVY_MODULES!r} if m in sys.modules))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
     assert result.stdout.strip() == "", f"the TUI imported {result.stdout.strip()}"
     for source in (REPO / "tui").rglob("*.py"):
         for line in source.read_text().splitlines():
@@ -229,7 +250,7 @@ def test_cli_and_module_entry_points_share_the_factory(tmp_path: Path) -> None:
     opened: list[TunedeckApp] = []
 
     class Recorder(TunedeckApp):
-        def run(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        def run(self, *args, **kwargs):
             opened.append(self)
 
     import tui.app as app_module
@@ -247,10 +268,22 @@ def test_cli_and_module_entry_points_share_the_factory(tmp_path: Path) -> None:
 def test_runs_under_the_web_driver_that_textual_serve_uses(tmp_path: Path) -> None:
     """`textual serve "python -m tui.app"` runs the module with the web driver; it must start and draw."""
     workspace = Workspace.init(tmp_path / "ws")
-    env = dict(os.environ, TEXTUAL_DRIVER="textual.drivers.web_driver:WebDriver", TUNEDECK_WORKSPACE=str(workspace.root),
-               COLUMNS="80", LINES="24", PYTHONPATH=str(REPO))
-    process = subprocess.Popen([sys.executable, "-m", "tui.app"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    env = dict(
+        os.environ,
+        TEXTUAL_DRIVER="textual.drivers.web_driver:WebDriver",
+        TUNEDECK_WORKSPACE=str(workspace.root),
+        COLUMNS="80",
+        LINES="24",
+        PYTHONPATH=str(REPO),
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tui.app"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
     try:
         output = b""
         import select
@@ -264,7 +297,9 @@ def test_runs_under_the_web_driver_that_textual_serve_uses(tmp_path: Path) -> No
                 if not chunk:
                     break
                 output += chunk
-        assert b"Dataset" in output, process.stderr.read1(4000) if process.poll() is not None else output[:400]
+        assert b"Dataset" in output, (
+            process.stderr.read1(4000) if process.poll() is not None else output[:400]
+        )
     finally:
         process.kill()
         process.wait()

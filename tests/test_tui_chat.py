@@ -1,4 +1,5 @@
-"""The Chat tab against a fake chat engine that speaks the real protocol: streaming, stop, compare, swaps, failures."""
+"""The Chat tab against a fake chat engine that speaks the real protocol: streaming, stop, compare, swaps,
+failures."""
 
 from __future__ import annotations
 
@@ -11,17 +12,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "tui"))
 
-from textual.containers import Horizontal  # noqa: E402
-from textual.widgets import Input, TextArea  # noqa: E402
+from textual.containers import Horizontal
+from textual.widgets import Input, TextArea
+from tui_workspace import FINISHED, engine_for, make_workspace, screen_text, wait_for
 
-from engine.workspace import Workspace  # noqa: E402
-from tui.app import create_app  # noqa: E402
-from tui.engine_client import ChatSource  # noqa: E402
-from tui.screens.chat import ChatMessage, ChatView, Sampling  # noqa: E402
-from tui.screens.chat_settings import ChatSettingsScreen, parse_sampling  # noqa: E402
-from tui.screens.modals import PickScreen  # noqa: E402
-from tui.screens.train import TrainView  # noqa: E402
-from tui_workspace import FINISHED, engine_for, make_workspace, screen_text, wait_for  # noqa: E402
+from engine.workspace import Workspace
+from tui.app import create_app
+from tui.engine_client import ChatSource
+from tui.screens.chat import ChatMessage, ChatView, Sampling
+from tui.screens.chat_settings import ChatSettingsScreen, parse_sampling
+from tui.screens.modals import PickScreen
+from tui.screens.train import TrainView
 
 ADAPTER_REPLY = "Paris is the capital of France."
 BASE_REPLY = "The capital of France is Paris, a city on the Seine known for many things."
@@ -33,8 +34,13 @@ def workspace(tmp_path: Path) -> Workspace:
     return make_workspace(tmp_path / "ws", 0, runs=("finished",))
 
 
-def run_chat(workspace: Workspace, scenario, *, env: dict[str, str] | None = None,  # noqa: ANN001
-             monkeypatch: pytest.MonkeyPatch | None = None) -> None:
+def run_chat(
+    workspace: Workspace,
+    scenario,
+    *,
+    env: dict[str, str] | None = None,
+    monkeypatch: pytest.MonkeyPatch | None = None,
+) -> None:
     for key, value in (env or {}).items():
         monkeypatch.setenv(key, value)
 
@@ -52,13 +58,13 @@ def replies(view: ChatView) -> list[ChatMessage]:
     return [widget for widget in view.query(ChatMessage) if widget.role == "assistant"]
 
 
-async def ask(pilot, text: str) -> None:  # noqa: ANN001
+async def ask(pilot, text: str) -> None:
     await pilot.press(*text)
     await pilot.press("enter")
 
 
 def test_a_question_streams_the_reply_from_the_run_adapter(workspace: Workspace) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         assert view.source.kind == "run" and view.source.path.endswith(FINISHED)
         assert view.process is None  # the engine starts on the first message, not before
         await ask(pilot, "What is the capital of France?")
@@ -84,7 +90,7 @@ def test_a_question_streams_the_reply_from_the_run_adapter(workspace: Workspace)
 
 
 def test_escape_stops_a_reply(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await ask(pilot, "Tell me everything")
         await wait_for(pilot, lambda: bool(replies(view)) and replies(view)[0].text)
         await pilot.press("escape")
@@ -97,7 +103,7 @@ def test_escape_stops_a_reply(workspace: Workspace, monkeypatch: pytest.MonkeyPa
 
 
 def test_compare_shows_base_and_adapter_side_by_side(workspace: Workspace) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await pilot.press("ctrl+t")
         assert view.compare
         await ask(pilot, "What is the capital of France?")
@@ -112,7 +118,7 @@ def test_compare_shows_base_and_adapter_side_by_side(workspace: Workspace) -> No
 
 
 def test_clear_forgets_the_conversation(workspace: Workspace) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await ask(pilot, "Hello")
         await wait_for(pilot, lambda: view.active_request is None and view.state == "ready")
         await pilot.press("ctrl+l")
@@ -121,8 +127,10 @@ def test_clear_forgets_the_conversation(workspace: Workspace) -> None:
     run_chat(workspace, scenario)
 
 
-def test_an_engine_failure_is_shown_with_its_title(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+def test_an_engine_failure_is_shown_with_its_title(
+    workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario(app, pilot, view) -> None:
         await ask(pilot, "Hello")
         await wait_for(pilot, lambda: view.state == "failed")
         await wait_for(pilot, lambda: bool(app._notifications))
@@ -135,7 +143,7 @@ def test_an_engine_failure_is_shown_with_its_title(workspace: Workspace, monkeyp
 
 
 def test_picking_a_base_model_restarts_the_engine_on_it(workspace: Workspace) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await ask(pilot, "Hi")
         await wait_for(pilot, lambda: view.state == "ready" and view.active_request is None)
         first = view.process
@@ -155,7 +163,7 @@ def test_picking_a_base_model_restarts_the_engine_on_it(workspace: Workspace) ->
 
 
 def test_settings_are_validated_and_sent_with_requests(workspace: Workspace) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: isinstance(app.screen, ChatSettingsScreen))
         screen = app.screen
@@ -199,7 +207,7 @@ def test_chat_with_run_from_the_train_tab(workspace: Workspace) -> None:
 def test_quitting_ends_the_chat_engine(workspace: Workspace) -> None:
     seen: list = []
 
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await ask(pilot, "Hi")
         await wait_for(pilot, lambda: view.ready)
         seen.append(view.process.process)

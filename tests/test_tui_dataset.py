@@ -13,17 +13,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "tui"))
 
-from textual.widgets import DataTable, Input, TextArea  # noqa: E402
+from textual.widgets import DataTable, Input, TextArea
+from tui_workspace import PAIRS, engine_for, make_workspace, screen_text, wait_for
 
-from engine.dataset import QAPair, load_pairs  # noqa: E402
-from engine.errors import DatasetError  # noqa: E402
-from engine.workspace import Workspace  # noqa: E402
-from tui.app import create_app  # noqa: E402
-from tui.dataset_doc import DatasetDocument  # noqa: E402
-from tui.screens.dataset import DatasetView  # noqa: E402
-from tui.screens.edit_pair import EditPairScreen  # noqa: E402
-from tui.screens.modals import ConfirmScreen, PromptScreen  # noqa: E402
-from tui_workspace import PAIRS, engine_for, make_workspace, screen_text, wait_for  # noqa: E402
+from engine.dataset import QAPair, load_pairs
+from engine.errors import DatasetError
+from engine.workspace import Workspace
+from tui.app import create_app
+from tui.dataset_doc import DatasetDocument
+from tui.screens.dataset import DatasetView
+from tui.screens.edit_pair import EditPairScreen
+from tui.screens.modals import ConfirmScreen, PromptScreen
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,24 +38,26 @@ def dataset_file(workspace: Workspace) -> Path:
     return workspace.datasets_dir / "demo_qa.jsonl"
 
 
-def run(workspace: Workspace, scenario) -> None:  # noqa: ANN001 - an async function of (app, pilot, view)
+def run(workspace: Workspace, scenario) -> None:
     async def main() -> None:
         app = create_app(engine=engine_for(workspace))
         async with app.run_test(size=(80, 24)) as pilot:
             view = app.query_one(DatasetView)
-            await wait_for(pilot, lambda: view.document is not None and view.lint_version == view.document.version)
+            await wait_for(
+                pilot, lambda: view.document is not None and view.lint_version == view.document.version
+            )
             await scenario(app, pilot, view)
 
     asyncio.run(main())
 
 
-async def saved(pilot, view: DatasetView) -> None:  # noqa: ANN001
+async def saved(pilot, view: DatasetView) -> None:
     """Wait until the newest version is on disk."""
     await wait_for(pilot, lambda: not view.document.dirty and not view.save_error)
 
 
 def test_table_shows_rows_token_counts_and_lint_marks(workspace: Workspace) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         table = app.query_one("#ds-table", DataTable)
         assert table.row_count == len(PAIRS)
         assert str(table.get_row_at(4)[4]) == "E"  # empty answer
@@ -73,7 +75,7 @@ def test_table_shows_rows_token_counts_and_lint_marks(workspace: Workspace) -> N
 
 
 def test_editing_a_row_saves_the_file(workspace: Workspace) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await pilot.press("down", "enter")
         await wait_for(pilot, lambda: isinstance(app.screen, EditPairScreen))
         answer = app.screen.query_one("#edit-answer", TextArea)
@@ -89,7 +91,7 @@ def test_editing_a_row_saves_the_file(workspace: Workspace) -> None:
 
 
 def test_adding_by_keyboard_writes_a_new_row_below_the_cursor(workspace: Workspace) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await pilot.press("a")
         await wait_for(pilot, lambda: isinstance(app.screen, EditPairScreen))
         await pilot.press(*"Is GGUF export checked?")
@@ -109,7 +111,7 @@ def test_adding_by_keyboard_writes_a_new_row_below_the_cursor(workspace: Workspa
 def test_escape_in_the_editor_discards_the_edit(workspace: Workspace) -> None:
     before = dataset_file(workspace).read_bytes()
 
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await pilot.press("enter")
         await wait_for(pilot, lambda: isinstance(app.screen, EditPairScreen))
         await pilot.press(*"typed but not kept")
@@ -125,7 +127,7 @@ def test_escape_in_the_editor_discards_the_edit(workspace: Workspace) -> None:
 def test_delete_duplicate_undo_and_redo_each_reach_the_disk(workspace: Workspace) -> None:
     original = load_pairs(dataset_file(workspace))
 
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await pilot.press("d")
         await saved(pilot, view)
         assert load_pairs(dataset_file(workspace)) == original[1:]
@@ -146,7 +148,7 @@ def test_delete_duplicate_undo_and_redo_each_reach_the_disk(workspace: Workspace
 
 
 def test_filter_narrows_rows_and_escape_clears_it(workspace: Workspace) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         table = app.query_one("#ds-table", DataTable)
         await pilot.press("slash")
         assert app.query_one("#ds-filter", Input).has_focus
@@ -163,12 +165,20 @@ def test_filter_narrows_rows_and_escape_clears_it(workspace: Workspace) -> None:
 
 def test_import_appends_alpaca_pairs_and_export_writes_openai(workspace: Workspace, tmp_path: Path) -> None:
     source = tmp_path / "extra.json"
-    source.write_text(json.dumps([
-        {"instruction": "What is tunedeck?", "input": "", "output": "A terminal app for fine-tuning."},
-        {"instruction": "Does it need a browser?", "input": "", "output": "No."},
-    ]))
+    source.write_text(
+        json.dumps(
+            [
+                {
+                    "instruction": "What is tunedeck?",
+                    "input": "",
+                    "output": "A terminal app for fine-tuning.",
+                },
+                {"instruction": "Does it need a browser?", "input": "", "output": "No."},
+            ]
+        )
+    )
 
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await pilot.press("i")
         await wait_for(pilot, lambda: isinstance(app.screen, PromptScreen))
         await pilot.press(*str(source))
@@ -176,8 +186,10 @@ def test_import_appends_alpaca_pairs_and_export_writes_openai(workspace: Workspa
         await wait_for(pilot, lambda: len(view.document.pairs) == len(PAIRS) + 2)
         await saved(pilot, view)
         pairs = load_pairs(dataset_file(workspace))
-        assert pairs[-2:] == [QAPair("What is tunedeck?", "A terminal app for fine-tuning."),
-                              QAPair("Does it need a browser?", "No.")]
+        assert pairs[-2:] == [
+            QAPair("What is tunedeck?", "A terminal app for fine-tuning."),
+            QAPair("Does it need a browser?", "No."),
+        ]
         await pilot.press("x")
         await wait_for(pilot, lambda: isinstance(app.screen, PromptScreen))
         await pilot.press("enter")
@@ -193,7 +205,7 @@ def test_a_bad_import_file_is_named_in_the_notification(workspace: Workspace, tm
     source = tmp_path / "broken.jsonl"
     source.write_text('{"question": "ok", "answer": "fine"}\n{"question": "no answer here"\n')
 
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await pilot.press("i")
         await wait_for(pilot, lambda: isinstance(app.screen, PromptScreen))
         await pilot.press(*str(source), "enter")
@@ -207,7 +219,7 @@ def test_a_bad_import_file_is_named_in_the_notification(workspace: Workspace, tm
 
 
 def test_new_dataset_is_created_and_opened(workspace: Workspace) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await pilot.press("n")
         await wait_for(pilot, lambda: isinstance(app.screen, PromptScreen))
         await pilot.press(*"support bot", "enter")
@@ -220,18 +232,22 @@ def test_new_dataset_is_created_and_opened(workspace: Workspace) -> None:
     run(workspace, scenario)
 
 
-def test_a_failed_save_keeps_the_file_and_says_why(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_save_keeps_the_file_and_says_why(
+    workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
     before = dataset_file(workspace).read_bytes()
     import tui.dataset_doc as dataset_doc
     from engine.errors import DiskFullError
 
     def disk_full(path: Path, pairs: list[QAPair]) -> None:
-        raise DiskFullError(f"The disk filled up while writing {path}; the previous version is untouched.",
-                            next_step="Free some disk space and try again.")
+        raise DiskFullError(
+            f"The disk filled up while writing {path}; the previous version is untouched.",
+            next_step="Free some disk space and try again.",
+        )
 
     monkeypatch.setattr(dataset_doc, "save_pairs", disk_full)
 
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await pilot.press("d")
         await wait_for(pilot, lambda: bool(view.save_error))
         notification = list(app._notifications)[-1]
@@ -243,7 +259,7 @@ def test_a_failed_save_keeps_the_file_and_says_why(workspace: Workspace, monkeyp
 
 
 def test_a_file_changed_by_another_program_is_not_overwritten(workspace: Workspace) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         dataset_file(workspace).write_text('{"question": "from elsewhere", "answer": "keep me"}\n')
         await pilot.press("d")
         await wait_for(pilot, lambda: bool(view.save_error))
@@ -260,7 +276,7 @@ def test_unreadable_lines_are_set_aside_only_after_asking(workspace: Workspace) 
     original = path.read_text() + "{not json\n"
     path.write_text(original)
 
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         assert view.document.problems
         await pilot.press("d")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
@@ -274,7 +290,7 @@ def test_unreadable_lines_are_set_aside_only_after_asking(workspace: Workspace) 
 
 
 def test_prompt_pane_renders_the_template_with_the_trained_part_marked(workspace: Workspace) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await wait_for(pilot, lambda: "<|im_start|>assistant" in str(app.query_one("#ds-prompt").render()))
         rendered = app.query_one("#ds-prompt").render()
         assert "What is the capital of France?" in str(rendered)
@@ -296,7 +312,7 @@ def test_token_counts_come_from_the_model_tokenizer_when_a_folder_has_one(worksp
     tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
 
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         estimated = list(view.counts)
         await pilot.press("m")
         await wait_for(pilot, lambda: app.screen.__class__.__name__ == "PickScreen")
@@ -309,7 +325,9 @@ def test_token_counts_come_from_the_model_tokenizer_when_a_folder_has_one(worksp
 
         renderer = PromptRenderer.from_model_dir(folder)
         assert view.counts[0] == renderer.count(QAPair(*PAIRS[0]))
-        await wait_for(pilot, lambda: "trained tokens highlighted" in str(app.query_one("#ds-prompt").render()))
+        await wait_for(
+            pilot, lambda: "trained tokens highlighted" in str(app.query_one("#ds-prompt").render())
+        )
 
     run(workspace, scenario)
 

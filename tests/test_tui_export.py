@@ -10,13 +10,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "tui"))
 
-from textual.widgets import Checkbox, Select  # noqa: E402
+from textual.widgets import Checkbox, Select
+from tui_workspace import FAILED, FINISHED, engine_for, make_workspace, screen_text, wait_for
 
-from engine.workspace import Workspace  # noqa: E402
-from tui.app import create_app  # noqa: E402
-from tui.screens.export import ExportView, StageRow  # noqa: E402
-from tui.screens.train import TrainView  # noqa: E402
-from tui_workspace import FAILED, FINISHED, engine_for, make_workspace, screen_text, wait_for  # noqa: E402
+from engine.workspace import Workspace
+from tui.app import create_app
+from tui.screens.export import ExportView, StageRow
+from tui.screens.train import TrainView
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def workspace(tmp_path: Path) -> Workspace:
     return make_workspace(tmp_path / "ws", 0, runs=("finished", "failed"))
 
 
-def run_export(workspace: Workspace, scenario) -> None:  # noqa: ANN001
+def run_export(workspace: Workspace, scenario) -> None:
     async def main() -> None:
         app = create_app(engine=engine_for(workspace), initial_tab="export")
         async with app.run_test(size=(80, 24)) as pilot:
@@ -35,7 +35,7 @@ def run_export(workspace: Workspace, scenario) -> None:  # noqa: ANN001
 
 
 def test_choices_list_runs_checkpoints_and_quants(workspace: Workspace) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         run = app.query_one("#export-run", Select)
         assert run.value == FAILED  # newest first
         run.value = FINISHED
@@ -49,7 +49,7 @@ def test_choices_list_runs_checkpoints_and_quants(workspace: Workspace) -> None:
 
 
 def test_export_shows_each_stage_and_the_written_files(workspace: Workspace) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         app.query_one("#export-run", Select).value = FINISHED
         app.query_one("#quant-q5_1", Checkbox).value = True
         await pilot.pause(0.1)
@@ -68,7 +68,7 @@ def test_export_shows_each_stage_and_the_written_files(workspace: Workspace) -> 
 def test_a_failed_export_names_its_cause(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_EXPORT_FAIL", "1")
 
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await pilot.press("x")
         await wait_for(pilot, lambda: view.finished and bool(app._notifications))
         notification = list(app._notifications)[-1]

@@ -10,16 +10,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "tui"))
 
-from textual.widgets import Select  # noqa: E402
+from textual.widgets import Select
+from tui_workspace import wait_for
 
-from engine.launch import stop_run  # noqa: E402
-from engine.workspace import Workspace  # noqa: E402
-from tui.app import create_app  # noqa: E402
-from tui.engine_client import EngineClient  # noqa: E402
-from tui.screens.chat import ChatMessage, ChatView  # noqa: E402
-from tui.screens.new_run import NewRunScreen  # noqa: E402
-from tui.screens.train import TrainView  # noqa: E402
-from tui_workspace import wait_for  # noqa: E402
+from engine.launch import stop_run
+from engine.workspace import Workspace
+from tui.app import create_app
+from tui.engine_client import EngineClient
+from tui.screens.chat import ChatMessage, ChatView
+from tui.screens.new_run import NewRunScreen
+from tui.screens.train import TrainView
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,8 @@ def test_train_from_the_form_then_chat_through_the_adapter(tiny_workspace: Works
     # Greedy decoding, so the memorised answer comes back word for word.
     (tiny_workspace.root / ".tunedeck").mkdir(exist_ok=True)
     (tiny_workspace.root / ".tunedeck" / "tui.json").write_text(
-        '{"chat_sampling": {"temperature": 0.0, "max_new_tokens": 24}}')
+        '{"chat_sampling": {"temperature": 0.0, "max_new_tokens": 24}}'
+    )
     started: list[Path] = []
 
     async def main() -> None:
@@ -40,9 +41,13 @@ def test_train_from_the_form_then_chat_through_the_adapter(tiny_workspace: Works
             await wait_for(pilot, lambda: isinstance(app.screen, NewRunScreen))
             form = app.screen
             form.query_one("#f-recipe", Select).value = str(recipe)
-            await wait_for(pilot, lambda: form.resolved.get("data.dataset") == "tiny_qa.jsonl" and not form.error)
+            await wait_for(
+                pilot, lambda: form.resolved.get("data.dataset") == "tiny_qa.jsonl" and not form.error
+            )
             await pilot.press("ctrl+s")
-            await wait_for(pilot, lambda: train.opened is not None and train.opened.run_id.endswith("tiny"), 30)
+            await wait_for(
+                pilot, lambda: train.opened is not None and train.opened.run_id.endswith("tiny"), 30
+            )
             started.append(train.opened.run_dir)
             # Events of the detached trainer reach the tab: steps with loss, then the end.
             await wait_for(pilot, lambda: train.opened.step > 0 and train.opened.loss is not None, 240)

@@ -34,16 +34,31 @@ class Tmux:
     def __init__(self, socket: str, terminal: str, tmp: Path) -> None:
         self.socket = socket
         self.config = tmp / "tmux.conf"
-        self.config.write_text(f'set -g default-terminal "{terminal}"\nset -g status off\nset -sg escape-time 10\n')
+        self.config.write_text(
+            f'set -g default-terminal "{terminal}"\nset -g status off\nset -sg escape-time 10\n'
+        )
 
     def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["tmux", "-L", self.socket, "-f", str(self.config), *args], capture_output=True,
-                              text=True, check=check)
+        return subprocess.run(
+            ["tmux", "-L", self.socket, "-f", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            check=check,
+        )
 
     def open_tui(self, session: str, workspace: Workspace) -> None:
         env = f"PYTHONPATH={REPO} TUNEDECK_WORKSPACE={workspace.root}"
-        self("new-session", "-d", "-s", session, "-x", "80", "-y", "24",
-             f"cd {workspace.root} && env {env} {sys.executable} -m tui")
+        self(
+            "new-session",
+            "-d",
+            "-s",
+            session,
+            "-x",
+            "80",
+            "-y",
+            "24",
+            f"cd {workspace.root} && env {env} {sys.executable} -m tui",
+        )
 
     def screen(self, session: str) -> str:
         return self("capture-pane", "-p", "-t", session).stdout
@@ -70,11 +85,13 @@ class Tmux:
 
 
 @pytest.mark.parametrize("terminal", ["xterm-256color", "screen"])
-def test_edit_train_quit_reopen_in_a_real_terminal(terminal: str, tiny_workspace: Workspace, tmp_path: Path) -> None:
+def test_edit_train_quit_reopen_in_a_real_terminal(
+    terminal: str, tiny_workspace: Workspace, tmp_path: Path
+) -> None:
     recipe = (tiny_workspace.root / "recipes" / "tiny.toml").read_text()
     recipe = re.sub(r"(?m)^epochs = .*$", f"epochs = {LONG_STEPS}", recipe)
     recipe = re.sub(r"(?m)^save_steps = .*$", "save_steps = 25", recipe)
-    recipe = re.sub(r'(?m)^name = .*$', f'name = "{LONG_RECIPE}"', recipe)
+    recipe = re.sub(r"(?m)^name = .*$", f'name = "{LONG_RECIPE}"', recipe)
     (tiny_workspace.root / "recipes" / f"{LONG_RECIPE}.toml").write_text(recipe)
     dataset = tiny_workspace.datasets_dir / "tiny_qa.jsonl"
     tmux = Tmux(f"tunedeck-test-{os.getpid()}-{terminal}", terminal, tmp_path)
@@ -100,7 +117,10 @@ def test_edit_train_quit_reopen_in_a_real_terminal(terminal: str, tiny_workspace
         tmux.wait_for("first", r"Runs")
         tmux.keys("first", "n")
         tmux.wait_for("first", r"New training run")
-        tmux.keys("first", "Enter", "End", "Enter")
+        time.sleep(0.5)
+        tmux.keys("first", "Enter")
+        tmux.wait_for("first", r"qlora-7b")  # the recipe list is open
+        tmux.keys("first", "End", "Enter")
         tmux.wait_for("first", rf"recipe\s+{LONG_RECIPE}")
         tmux.keys("first", "C-s")
         tmux.wait_for("first", rf"{LONG_SLUG} running", timeout=60)
@@ -119,9 +139,10 @@ def test_edit_train_quit_reopen_in_a_real_terminal(terminal: str, tiny_workspace
 
         # Reopen: the same run shows, still running, further along.
         tmux.open_tui("second", tiny_workspace)
-        tmux.wait_for("second", r"1 Dataset")
+        tmux.wait_for("second", r"tiny_qa\.jsonl · 6 pairs")
         tmux.keys("second", "2")
-        tmux.wait_for("second", rf"{LONG_SLUG} running")
+        tmux.wait_for("second", r"Runs \(1\)")
+        tmux.wait_for("second", rf"▶ \S+-{LONG_SLUG} running")
         step = int(tmux.wait_for("second", rf"(\d+)/{LONG_STEPS}").group(1))
         assert step >= first_step
         deadline = time.monotonic() + 60

@@ -1,4 +1,5 @@
-"""The Train tab on recorded and fake runs: honest statuses, replay then tail, the new-run form, stop and resume."""
+"""The Train tab on recorded and fake runs: honest statuses, replay then tail, the new-run form, stop and
+resume."""
 
 from __future__ import annotations
 
@@ -13,18 +14,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "tui"))
 
-from textual.widgets import DataTable, Input  # noqa: E402
-
-from engine.events import read_events  # noqa: E402
-from engine.workspace import Workspace, summarize_events  # noqa: E402
-from tui.app import create_app  # noqa: E402
-from tui.run_state import RunState, Series, short_run_label  # noqa: E402
-from tui.screens.modals import ConfirmScreen  # noqa: E402
-from tui.screens.new_run import NewRunScreen, estimated_steps, override_text  # noqa: E402
-from tui.screens.train import RunDetail, TrainView  # noqa: E402
-from tui.widgets.plot import plot_lines  # noqa: E402
-from tui.widgets.status_line import StatusLine  # noqa: E402
-from tui_workspace import (  # noqa: E402
+from textual.widgets import DataTable, Input
+from tui_workspace import (
     FAILED,
     FINISHED,
     INTERRUPTED,
@@ -37,6 +28,16 @@ from tui_workspace import (  # noqa: E402
     screen_text,
     wait_for,
 )
+
+from engine.events import read_events
+from engine.workspace import Workspace, summarize_events
+from tui.app import create_app
+from tui.run_state import RunState, Series, short_run_label
+from tui.screens.modals import ConfirmScreen
+from tui.screens.new_run import NewRunScreen, estimated_steps, override_text
+from tui.screens.train import RunDetail, TrainView
+from tui.widgets.plot import plot_lines
+from tui.widgets.status_line import StatusLine
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def workspace(tmp_path: Path, live_pid: int) -> Workspace:
     return make_workspace(tmp_path / "ws", live_pid)
 
 
-def run_app(workspace: Workspace, scenario, launcher: object | None = None) -> None:  # noqa: ANN001
+def run_app(workspace: Workspace, scenario, launcher: object | None = None) -> None:
     async def main() -> None:
         app = create_app(engine=engine_for(workspace, launcher), initial_tab="train")
         async with app.run_test(size=(80, 24)) as pilot:
@@ -64,19 +65,23 @@ def run_app(workspace: Workspace, scenario, launcher: object | None = None) -> N
     asyncio.run(main())
 
 
-async def open_run(app, pilot, view: TrainView, run_id: str) -> None:  # noqa: ANN001
+async def open_run(app, pilot, view: TrainView, run_id: str) -> None:
     table = app.query_one("#runs-table", DataTable)
     await wait_for(pilot, lambda: run_id in view._row_order)
     table.move_cursor(row=view._row_order.index(run_id))
     await wait_for(pilot, lambda: app.query_one(RunDetail).shown_run_id == run_id)
 
 
-def detail_text(app) -> str:  # noqa: ANN001
-    return " ".join(str(app.query_one(f"#{name}").render()) for name in ("run-header", "run-problem", "run-metrics"))
+def detail_text(app) -> str:
+    return " ".join(
+        str(app.query_one(f"#{name}").render()) for name in ("run-header", "run-problem", "run-metrics")
+    )
 
 
 @pytest.mark.parametrize("kind", list(RUN_IDS))
-def test_incremental_state_agrees_with_summarize_events(kind: str, workspace: Workspace, live_pid: int) -> None:
+def test_incremental_state_agrees_with_summarize_events(
+    kind: str, workspace: Workspace, live_pid: int
+) -> None:
     run_dir = workspace.runs_dir / RUN_IDS[kind]
     events = read_events(run_dir / "events.jsonl")
     state = RunState(run_dir)
@@ -91,7 +96,7 @@ def test_incremental_state_agrees_with_summarize_events(kind: str, workspace: Wo
 
 
 def test_statuses_are_honest_in_the_list_and_the_detail(workspace: Workspace) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         assert view.opened.run_id == RUNNING  # the newest active run opens first
         table = app.query_one("#runs-table", DataTable)
         glyphs = {key.value: str(table.get_cell(key, "glyph")) for key in table.rows}
@@ -107,7 +112,9 @@ def test_statuses_are_honest_in_the_list_and_the_detail(workspace: Workspace) ->
         await open_run(app, pilot, view, INTERRUPTED)
         text = detail_text(app)
         assert "interrupted" in text and "running" not in text
-        assert "gone without a final event" in text and "r resumes from the newest checkpoint (step 50)" in text
+        assert (
+            "gone without a final event" in text and "r resumes from the newest checkpoint (step 50)" in text
+        )
 
         await open_run(app, pilot, view, FINISHED)
         assert "✔ Finished at step 48" in detail_text(app)
@@ -121,20 +128,34 @@ def test_statuses_are_honest_in_the_list_and_the_detail(workspace: Workspace) ->
 def test_a_run_replays_its_history_then_keeps_tailing(workspace: Workspace, live_pid: int) -> None:
     events_file = workspace.runs_dir / RUNNING / "events.jsonl"
 
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         detail = app.query_one(RunDetail)
         assert view.opened.step == 30
         assert len(view.opened.loss_points) == 30
         with open(events_file, "a", encoding="utf-8") as handle:
             for step in range(31, 36):
-                handle.write(json.dumps({"v": 1, "type": "step", "time": time.time(), "step": step,
-                                         "total_steps": 96, "loss": 0.9, "tokens_per_s": 2000.0}) + "\n")
+                handle.write(
+                    json.dumps(
+                        {
+                            "v": 1,
+                            "type": "step",
+                            "time": time.time(),
+                            "step": step,
+                            "total_steps": 96,
+                            "loss": 0.9,
+                            "tokens_per_s": 2000.0,
+                        }
+                    )
+                    + "\n"
+                )
             handle.write('{"v":1,"type":"log","time":1,"message":"half a li')
         await wait_for(pilot, lambda: view.opened.step == 35, timeout=5)
         assert "35/96" in str(app.query_one("#run-progress-label").render())
         with open(events_file, "a", encoding="utf-8") as handle:
             handle.write('ne finished"}\n')
-        await wait_for(pilot, lambda: any(line.message == "half a line finished" for line in view.opened.logs))
+        await wait_for(
+            pilot, lambda: any(line.message == "half a line finished" for line in view.opened.logs)
+        )
         assert detail.logs_shown == view.opened.log_total
 
     run_app(workspace, scenario)
@@ -144,7 +165,7 @@ def test_a_run_whose_process_dies_turns_interrupted(tmp_path: Path) -> None:
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     workspace = make_workspace(tmp_path / "ws", sleeper.pid, runs=("running",))
 
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         assert view.opened.status == "running"
         sleeper.kill()
         sleeper.wait()
@@ -162,7 +183,7 @@ def test_new_run_form_validates_as_you_type_then_starts_a_run(tmp_path: Path) ->
     workspace = make_workspace(tmp_path / "ws", 0, runs=("finished",))
     launcher = FakeLauncher(steps=400, rate=40)
 
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await pilot.press("n")
         await wait_for(pilot, lambda: isinstance(app.screen, NewRunScreen))
         form = app.screen
@@ -181,8 +202,16 @@ def test_new_run_form_validates_as_you_type_then_starts_a_run(tmp_path: Path) ->
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: launcher.calls)
         assert launcher.calls[0] == ("start", "demo-cpu.toml", ["train.epochs=2", "train.batch_size=4"])
-        await wait_for(pilot, lambda: view.opened is not None and view.opened.run_id.endswith("demo-cpu")
-                       and view.opened.run_id != FINISHED and view.opened.step > 3, timeout=15)
+        await wait_for(
+            pilot,
+            lambda: (
+                view.opened is not None
+                and view.opened.run_id.endswith("demo-cpu")
+                and view.opened.run_id != FINISHED
+                and view.opened.step > 3
+            ),
+            timeout=15,
+        )
         assert view.opened.status == "running"
         # Stop asks first, then the trainer checkpoints and ends `stopped`.
         await pilot.press("s")
@@ -201,7 +230,7 @@ def test_new_run_form_validates_as_you_type_then_starts_a_run(tmp_path: Path) ->
 def test_resume_continues_an_interrupted_run(workspace: Workspace) -> None:
     launcher = FakeLauncher(steps=20, rate=40)
 
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await open_run(app, pilot, view, INTERRUPTED)
         await pilot.press("r")
         await wait_for(pilot, lambda: launcher.calls == [("resume", INTERRUPTED)])
@@ -220,7 +249,7 @@ def test_resume_continues_an_interrupted_run(workspace: Workspace) -> None:
 def test_resume_is_refused_for_a_running_or_finished_run(workspace: Workspace) -> None:
     launcher = FakeLauncher()
 
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await pilot.press("r")
         await wait_for(pilot, lambda: bool(app._notifications))
         assert "only stopped, failed or interrupted runs resume" in list(app._notifications)[-1].message
@@ -233,10 +262,10 @@ def test_launch_errors_surface_with_their_title(workspace: Workspace) -> None:
     from engine.errors import DatasetError
 
     class Refusing(FakeLauncher):
-        def start_run(self, workspace, recipe_path, overrides):  # noqa: ANN001, ANN201
+        def start_run(self, workspace, recipe_path, overrides):
             raise DatasetError("There is no dataset 'gone.jsonl' in datasets.", next_step="Set data.dataset.")
 
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await pilot.press("n")
         await wait_for(pilot, lambda: isinstance(app.screen, NewRunScreen))
         await wait_for(pilot, lambda: app.screen.recipe_path != "" and not app.screen.error)
@@ -250,7 +279,7 @@ def test_launch_errors_surface_with_their_title(workspace: Workspace) -> None:
 
 
 def test_the_train_tab_fits_80x24(workspace: Workspace) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         await pilot.pause(0.3)
         text = screen_text(app)
         lines = text.splitlines()
@@ -296,7 +325,7 @@ def test_form_helpers() -> None:
 
 
 def test_train_screen_text_names_the_running_run(workspace: Workspace) -> None:
-    async def scenario(app, pilot, view) -> None:  # noqa: ANN001
+    async def scenario(app, pilot, view) -> None:
         assert "▶ 20261123-131500-demo-cpu running" in screen_text(app)
 
     run_app(workspace, scenario)

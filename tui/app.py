@@ -84,7 +84,8 @@ class TunedeckApp(App[None]):
         self.query_one(StatusLine).workspace = self.workspace.root
         (await self.view(self.initial_tab)).focus_default()
 
-    # Tabs ------------------------------------------------------------------------------------------------------
+    # Tabs
+    # ------------------------------------------------------------------------------------------------------
 
     async def view(self, tab_id: str) -> TabView:
         """The view of `tab_id`, mounted (and composed) on first use."""
@@ -117,7 +118,8 @@ class TunedeckApp(App[None]):
         view = await self.view(event.pane.id)
         view.focus_default()
 
-    # Cross-tab messages ----------------------------------------------------------------------------------------
+    # Cross-tab messages
+    # ----------------------------------------------------------------------------------------
 
     # Messages can still arrive while the app shuts down, so these handlers query rather than query_one.
 
@@ -140,7 +142,8 @@ class TunedeckApp(App[None]):
         for view in self.mounted_views():
             view.post_message(RunsChanged(event.run_id))
 
-    # Failures: every worker's error reaches this one handler ---------------------------------------------------
+    # Failures: every worker's error reaches this one handler
+    # ---------------------------------------------------
 
     @on(WorkerFailed)
     def _worker_failed(self, event: WorkerFailed) -> None:
@@ -155,7 +158,9 @@ class TunedeckApp(App[None]):
         """An EngineError as a notification titled with its title; anything else as a modal naming the log."""
         failure = describe(error, self.engine.state_dir / "logs")
         if failure.expected:
-            self.notify(failure.notification(), title=failure.title, severity="error", timeout=12, markup=False)
+            self.notify(
+                failure.notification(), title=failure.title, severity="error", timeout=12, markup=False
+            )
         else:
             from tui.screens.modals import ErrorScreen
 
@@ -167,7 +172,8 @@ class TunedeckApp(App[None]):
             await view.shutdown()
         self.exit()
 
-    # Help and the command palette ------------------------------------------------------------------------------
+    # Help and the command palette
+    # ------------------------------------------------------------------------------
 
     def action_help(self) -> None:
         """Show every key, per tab."""
@@ -182,7 +188,9 @@ class TunedeckApp(App[None]):
         yield from super().get_system_commands(screen)
         for tab_id, title, _ in TABS:
             name = title.split(" ", 1)[1]
-            yield SystemCommand(f"Go to {name}", f"Show the {name} tab", lambda t=tab_id: self.action_show_tab(t))
+            yield SystemCommand(
+                f"Go to {name}", f"Show the {name} tab", lambda t=tab_id: self.action_show_tab(t)
+            )
         yield SystemCommand("Help: keys", "Every key binding, per tab", self.action_help)
         active = self.query_one(TabbedContent).active
         for tab_id, title, _ in TABS:
@@ -190,9 +198,11 @@ class TunedeckApp(App[None]):
             for view in pane.query_children(TabView):
                 prefix = title.split(" ", 1)[1]
                 for command in view.commands():
-                    yield SystemCommand(f"{prefix}: {command[0]}", command[1], self._in_tab(tab_id, command[2], active))
+                    yield SystemCommand(
+                        f"{prefix}: {command[0]}", command[1], self._in_tab(tab_id, command[2], active)
+                    )
 
-    def _in_tab(self, tab_id: str, callback, active: str):  # noqa: ANN001, ANN202 - a callback wrapper
+    def _in_tab(self, tab_id: str, callback, active: str):
         def run() -> None:
             if tab_id != active:
                 self.action_show_tab(tab_id)
@@ -207,7 +217,8 @@ def create_app(
     engine: EngineClient | None = None,
     initial_tab: str = "dataset",
 ) -> TunedeckApp:
-    """The app for a workspace (default: $TUNEDECK_WORKSPACE or the current folder); shared by the CLI and tests."""
+    """The app for a workspace (default: $TUNEDECK_WORKSPACE or the current folder); shared by the CLI and
+    tests."""
     if engine is None:
         opened = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
         engine = EngineClient(opened)

@@ -1,4 +1,5 @@
-"""An open dataset file with undo/redo and crash-safe autosave, kept apart from widgets so tests drive it directly.
+"""An open dataset file with undo/redo and crash-safe autosave, kept apart from widgets so tests drive it
+directly.
 
 Every committed change bumps `version`; `save()` writes the newest version atomically (engine.dataset.save_pairs),
 so a crash loses at most the row being typed and never leaves a half-written file.
@@ -53,7 +54,8 @@ class DatasetDocument:
 
     @classmethod
     def open(cls, path: Path) -> DatasetDocument:
-        """Read `path` leniently: unreadable lines are kept aside as `problems` (and block saving until accepted)."""
+        """Read `path` leniently: unreadable lines are kept aside as `problems` (and block saving until
+        accepted)."""
         path = Path(path)
         if not path.exists():
             save_pairs(path, [])
@@ -72,7 +74,8 @@ class DatasetDocument:
         """The file name shown in lists."""
         return self.path.name
 
-    # Editing ---------------------------------------------------------------------------------------------------
+    # Editing
+    # ---------------------------------------------------------------------------------------------------
 
     def _commit(self, label: str, after: list[QAPair], focus_row: int) -> int:
         change = Change(label, tuple(self.pairs), tuple(after), focus_row)
@@ -132,7 +135,8 @@ class DatasetDocument:
         self.version += 1
         return change
 
-    # Saving ----------------------------------------------------------------------------------------------------
+    # Saving
+    # ----------------------------------------------------------------------------------------------------
 
     def snapshot(self) -> tuple[int, list[QAPair]]:
         """The current version and a copy of its pairs (for a save or lint worker)."""
@@ -143,7 +147,8 @@ class DatasetDocument:
         return _file_stamp(self.path) != self._disk_stamp
 
     def keep_unreadable_lines_aside(self) -> Path:
-        """Copy the original file beside itself before the first save drops its unreadable lines; returns the copy."""
+        """Copy the original file beside itself before the first save drops its unreadable lines; returns the
+        copy."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         backup = self.path.with_name(f"{self.path.stem}.unreadable-{stamp}{self.path.suffix}.orig")
         shutil.copy2(self.path, backup)
@@ -205,4 +210,3 @@ def one_line(text: str, limit: int = 200) -> str:
     """Text for a single table cell: newlines shown as ⏎, cut at `limit` characters."""
     flat = text.replace("\r\n", "\n").replace("\n", " ⏎ ").replace("\t", " ")
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-

@@ -1,4 +1,5 @@
-"""The TUI's one door to the engine: pure engine modules in-process, the ML stack only as `python -m engine.*`.
+"""The TUI's one door to the engine: pure engine modules in-process, the ML stack only as `python -m
+engine.*`.
 
 Tests swap the subprocess commands (`module_commands`) and the launcher for fakes that speak the same protocol,
 so every tab can be driven without torch.
@@ -34,7 +35,8 @@ STDERR_LINES_KEPT = 40
 
 @dataclasses.dataclass(frozen=True)
 class ChatSource:
-    """What the chat engine loads: a base model alone, a run's newest checkpoint, an adapter folder or a GGUF file."""
+    """What the chat engine loads: a base model alone, a run's newest checkpoint, an adapter folder or a GGUF
+    file."""
 
     kind: str  # base, run, adapter, gguf
     base: str
@@ -69,7 +71,8 @@ class EngineClient:
         self._renderers: dict[str, Any] = {}
         self.runs = RunsIndex(workspace.runs_dir)
 
-    # Folders ---------------------------------------------------------------------------------------------------
+    # Folders
+    # ---------------------------------------------------------------------------------------------------
 
     @property
     def state_dir(self) -> Path:
@@ -94,7 +97,10 @@ class EngineClient:
     def model_dir(self, base: str) -> Path | None:
         """The local folder a base-model choice names, when it is one that holds a tokenizer."""
         if not base or base == DEMO_MODEL:
-            candidates = [self.workspace.models_dir / "demo", self.workspace.models_dir / "SmolLM2-135M-Instruct"]
+            candidates = [
+                self.workspace.models_dir / "demo",
+                self.workspace.models_dir / "SmolLM2-135M-Instruct",
+            ]
         else:
             path = Path(base).expanduser()
             candidates = [path if path.is_absolute() else self.workspace.root / path]
@@ -117,10 +123,14 @@ class EngineClient:
         with contextlib.suppress(OSError, ValueError):
             import tomllib
 
-            return str(tomllib.loads(recipe.read_text(encoding="utf-8")).get("model", {}).get("base", "")) or DEMO_MODEL
+            return (
+                str(tomllib.loads(recipe.read_text(encoding="utf-8")).get("model", {}).get("base", ""))
+                or DEMO_MODEL
+            )
         return DEMO_MODEL
 
-    # Prompt rendering (pure engine.template; tokenizers and jinja2 only) ------------------------------------------
+    # Prompt rendering (pure engine.template; tokenizers and jinja2 only)
+    # ------------------------------------------
 
     def renderer(self, model_dir: Path | None) -> Any:
         """A cached engine.template.PromptRenderer for `model_dir`, or the ChatML one without a tokenizer."""
@@ -133,7 +143,8 @@ class EngineClient:
                 self._renderers[key] = template.PromptRenderer.from_model_dir(model_dir)
         return self._renderers[key]
 
-    # Training runs (engine.launch is pure stdlib: it starts a detached trainer and returns) ----------------------
+    # Training runs (engine.launch is pure stdlib: it starts a detached trainer and returns)
+    # ----------------------
 
     @property
     def launcher(self) -> Any:
@@ -162,7 +173,8 @@ class EngineClient:
         """Ask a run to save a checkpoint and exit."""
         self.launcher.stop_run(Path(run_dir))
 
-    # Subprocesses ----------------------------------------------------------------------------------------------
+    # Subprocesses
+    # ----------------------------------------------------------------------------------------------
 
     def module_argv(self, module: str, *args: str) -> list[str]:
         """The command that runs `python -m module args…` (or the test fake registered for that module)."""
@@ -176,7 +188,9 @@ class EngineClient:
             args += [f"--{source.kind}", source.path]
         return self.module_argv("engine.chat", *args)
 
-    def export_argv(self, run_dir: Path, checkpoint: int | None, quants: list[str], *, force: bool = False) -> list[str]:
+    def export_argv(
+        self, run_dir: Path, checkpoint: int | None, quants: list[str], *, force: bool = False
+    ) -> list[str]:
         """The export engine command for a run (and checkpoint), the chosen quantisations, and overwrite."""
         args = ["--run-dir", str(run_dir)]
         if checkpoint is not None:
@@ -188,7 +202,8 @@ class EngineClient:
         return self.module_argv("engine.export", *args)
 
     def subprocess_env(self) -> dict[str, str]:
-        """The environment of engine subprocesses: this one, with the repository importable and the workspace set."""
+        """The environment of engine subprocesses: this one, with the repository importable and the workspace
+        set."""
         env = dict(os.environ)
         paths = [str(REPO_ROOT), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
@@ -245,7 +260,9 @@ class EngineProcess:
     async def send(self, request: dict[str, Any]) -> None:
         """Write one request line; raises EngineError when the engine is gone."""
         if self.process is None or self.process.stdin is None or self.process.returncode is not None:
-            raise EngineError("The engine is not running.", title="Engine stopped", next_step="Load a model again.")
+            raise EngineError(
+                "The engine is not running.", title="Engine stopped", next_step="Load a model again."
+            )
         try:
             self.process.stdin.write((json.dumps(request, ensure_ascii=False) + "\n").encode("utf-8"))
             await self.process.stdin.drain()

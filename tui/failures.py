@@ -25,7 +25,8 @@ class Failure:
 
 
 def describe(error: BaseException, log_dir: Path | None = None) -> Failure:
-    """The Failure for `error`; an unexpected one has its traceback written to `log_dir` and named in the message."""
+    """The Failure for `error`; an unexpected one has its traceback written to `log_dir` and named in the
+    message."""
     if isinstance(error, EngineError):
         return Failure(error.title, error.message, error.next_step)
     sentence = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from textual.message import Message
 
+
 class WorkerFailed(Message):
     """A worker of some tab raised; the app's one error handler shows it (EngineError title and cause)."""
 

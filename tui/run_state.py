@@ -207,7 +207,9 @@ class RunState:
                 epoch=event.epoch,
                 learning_rate=event.learning_rate,
                 tokens_per_s=event.tokens_per_s,
-                gpu_mem_gib=event.gpu_mem_gib if event.gpu_mem_gib is not None else self.fields.get("gpu_mem_gib"),
+                gpu_mem_gib=event.gpu_mem_gib
+                if event.gpu_mem_gib is not None
+                else self.fields.get("gpu_mem_gib"),
                 eta_s=event.eta_s,
                 elapsed_s=event.elapsed_s,
             )
@@ -219,7 +221,9 @@ class RunState:
         elif isinstance(event, Eval):
             self._set(eval_loss=event.eval_loss)
             self.eval.append(event.step, event.eval_loss)
-            self.best_eval = event.eval_loss if self.best_eval is None else min(self.best_eval, event.eval_loss)
+            self.best_eval = (
+                event.eval_loss if self.best_eval is None else min(self.best_eval, event.eval_loss)
+            )
         elif isinstance(event, RunStarted):
             self._apply_started(event)
         elif isinstance(event, CheckpointSaved):
@@ -228,23 +232,34 @@ class RunState:
         elif isinstance(event, Log):
             self._log(LogLine(event.time, event.level, event.message))
         elif isinstance(event, Progress):
-            self.stages[event.stage] = StageProgress(event.stage, event.current, event.total, event.eta_s, event.message)
+            self.stages[event.stage] = StageProgress(
+                event.stage, event.current, event.total, event.eta_s, event.message
+            )
         elif isinstance(event, RunFinished):
             self.status = event.status
-            self._set(ended=event.time, final_loss=event.final_loss, step=max(int(self.fields.get("step", 0) or 0),
-                                                                               event.step))
+            self._set(
+                ended=event.time,
+                final_loss=event.final_loss,
+                step=max(int(self.fields.get("step", 0) or 0), event.step),
+            )
             self._log(LogLine(event.time, "info", f"run {event.status} at step {event.step}"))
         elif isinstance(event, RunFailed):
             self.status = "failed"
-            self._set(ended=event.time, failure_title=event.title, cause=event.cause, next_step=event.next_step,
-                      details_path=event.details_path)
+            self._set(
+                ended=event.time,
+                failure_title=event.title,
+                cause=event.cause,
+                next_step=event.next_step,
+                details_path=event.details_path,
+            )
             self._log(LogLine(event.time, "error", f"{event.title}: {event.cause}"))
 
     def _apply_started(self, event: RunStarted) -> None:
         self.status = "running"
         resumed = event.resumed_from_step
         if resumed is not None:
-            # Steps after the checkpoint are trained again; drop their old points so the curve does not fold back.
+            # Steps after the checkpoint are trained again; drop their old points so the curve does not fold
+            # back.
             self.loss.truncate_after(resumed)
             self.eval.truncate_after(resumed)
             self._log(LogLine(event.time, "info", f"resumed from step {resumed}"))
@@ -269,7 +284,8 @@ class RunState:
         self.stages.clear()
 
     def snapshot(self, *, alive: bool | None = None) -> RunSnapshot:
-        """An immutable copy; a `running` run whose process is gone reads `interrupted`, as in summarize_events."""
+        """An immutable copy; a `running` run whose process is gone reads `interrupted`, as in
+        summarize_events."""
         status = self.status
         next_step = str(self.fields.get("next_step", "") or "")
         pid = int(self.fields.get("pid", 0) or 0)

@@ -101,6 +101,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     exp.add_argument("--format", choices=FORMATS, required=True, help="the format to write")
     exp.add_argument("--out", type=Path, metavar="DEST", required=True, help="the file to write")
     exp.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    for action in (lint, imp, exp):
+        # Also accepted after the action (`tunedeck data import SRC -w DIR`), not only before `data`.
+        action.add_argument(
+            "--workspace",
+            "-w",
+            type=Path,
+            default=argparse.SUPPRESS,
+            help="workspace folder (default: $TUNEDECK_WORKSPACE or the current folder)",
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,6 +165,12 @@ def _count(count: int, word: str) -> str:
     return f"{count:,} {word}" if count == 1 else f"{count:,} {word}s"
 
 
+def _unreadable(problems: Sequence[LineProblem]) -> str:
+    """`3 unreadable lines`, or records/rows when the file holds a JSON array or CSV rows."""
+    unit = next((problem.unit for problem in problems if problem.record is not None), "line")
+    return _count(len(problems), f"unreadable {unit}")
+
+
 def _model_token_counter(model_dir: Path) -> Callable[[QAPair], int]:
     """Count a pair's tokens as training will see them: the model's tokenizer over its chat template."""
     try:
@@ -167,30 +182,46 @@ def _model_token_counter(model_dir: Path) -> Callable[[QAPair], int]:
                 title="Cannot count tokens",
                 next_step="Drop --model to lint with estimated token counts.",
             ) from None
-        raise EngineError(
-            f"Counting tokens with a model's tokenizer needs the package {exc.name!r}, which is missing.",
-            title="Cannot count tokens",
-            next_step="Run scripts/setup.sh again, or drop --model to use estimated token counts.",
-        ) from None
+        raise _missing_package(exc.name) from None
     if not model_dir.is_dir():
         raise ModelError(
             f"The model folder {model_dir} does not exist.",
             next_step="Pass the folder holding the model's tokenizer and config, e.g. one under models/.",
         )
-    renderer = PromptRenderer.from_model_dir(model_dir)
+    try:
+        renderer = PromptRenderer.from_model_dir(model_dir)
+    except ModuleNotFoundError as exc:
+        raise _missing_package(exc.name) from None
     return renderer.count
+
+
+def _missing_package(name: str | None) -> EngineError:
+    return EngineError(
+        f"Counting tokens with a model's tokenizer needs the package {name!r}, which is missing.",
+        title="Cannot count tokens",
+        next_step="Run scripts/setup.sh again, or drop --model to use estimated token counts.",
+    )
 
 
 def _lint(args: argparse.Namespace) -> int:
     path = _dataset_path(args.file, args)
     dataset = load_dataset(path)
-    count_tokens = _model_token_counter(args.model) if args.model is not None else None
+    counts: list[int] = []
+    count_tokens = None
+    if args.model is not None:
+        # Tokenize each pair once; the lints and the longest-pair line share the counts.
+        counter = _model_token_counter(args.model)
+        counts = [counter(pair) for pair in dataset.pairs]
+        by_pair = {id(pair): count for pair, count in zip(dataset.pairs, counts, strict=True)}
+
+        def count_tokens(pair: QAPair) -> int:
+            return by_pair[id(pair)]
+
     lints = dataset.lint(max_tokens=args.max_tokens, count_tokens=count_tokens)
     print(_headline(dataset, lints))
     for _, text in _entries(dataset.problems, lints):
         print(f"  {text}")
-    if count_tokens is not None and dataset.pairs:
-        counts = [count_tokens(pair) for pair in dataset.pairs]
+    if counts:
         longest = max(range(len(counts)), key=counts.__getitem__)
         print(f"Longest pair: {counts[longest]:,} tokens (line {dataset.lines[longest]}).")
         if args.max_tokens is None:
@@ -204,7 +235,7 @@ def _headline(dataset: Dataset, lints: Sequence[Lint]) -> str:
     name = dataset.path.name if dataset.path is not None else "dataset"
     found = []
     if dataset.problems:
-        found.append(_count(len(dataset.problems), "unreadable line"))
+        found.append(_unreadable(dataset.problems))
     if lints:
         found.append(_count(len(lints), "lint"))
     summary = ", ".join(found) if found else "no problems found"
@@ -224,8 +255,10 @@ def _import(args: argparse.Namespace) -> int:
     source = args.source.expanduser()
     dataset = read_dataset(source, args.format)
     if dataset.problems and not args.skip_bad:
-        unreadable = _count(len(dataset.problems), "unreadable line")
-        print(f"{source.name} ({FORMAT_NAMES[dataset.format]}): {unreadable}; nothing was written.")
+        print(
+            f"{source.name} ({FORMAT_NAMES[dataset.format]}): {_unreadable(dataset.problems)}; "
+            "nothing was written."
+        )
         _print_all(dataset.problems)
         readable = _count(len(dataset.pairs), "pair")
         print(
@@ -255,7 +288,7 @@ def _import(args: argparse.Namespace) -> int:
         f"into {dest}."
     )
     if dataset.problems:
-        print(f"Skipped {_count(len(dataset.problems), 'unreadable line')}:")
+        print(f"Skipped {_unreadable(dataset.problems)}:")
         _print_all(dataset.problems)
     lints = lint_pairs(dataset.pairs, lines=dataset.lines)
     if lints:
@@ -285,7 +318,7 @@ def _export(args: argparse.Namespace) -> int:
     except DatasetFileError as exc:
         if not exc.problems:
             raise
-        print(f"{path.name}: {_count(len(exc.problems), 'unreadable line')}; nothing was exported.")
+        print(f"{path.name}: {_unreadable(exc.problems)}; nothing was exported.")
         _print_all(exc.problems)
         print(f"Fix those lines first (`tunedeck data lint {path}` lists them all).")
         return EXIT_FOUND

@@ -1,9 +1,9 @@
-"""`tunedeck export RUN [--checkpoint N] [--quant …] [--out DIR] [--wait]`: merge a run's adapter and write GGUF files.
+"""`tunedeck export RUN [--checkpoint N] [--quant …] [--out DIR] [--wait]`: a run's adapter as GGUF files.
 
-The export folder goes to stdout (so `DIR=$(tunedeck export latest)` works); everything else to stderr. The export
-runs as a detached `python -m engine.export` process (it survives a closed terminal or SSH session), writing its
-events to <export dir>/events.jsonl. With --wait the command shows its progress and exits with its outcome:
-0 finished, 1 failed or interrupted; Ctrl-C detaches and leaves the export going.
+The export folder goes to stdout (so `DIR=$(tunedeck export latest)` works); everything else to stderr. The
+export runs as a detached `python -m engine.export` process (it survives a closed terminal or SSH session),
+writing its events to <export dir>/events.jsonl. With --wait the command shows its progress and exits with
+its outcome: 0 finished, 1 failed or interrupted; Ctrl-C detaches and leaves the export going.
 """
 
 from __future__ import annotations

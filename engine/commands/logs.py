@@ -46,7 +46,7 @@ def duration(seconds: float | None) -> str:
     """Seconds as H:MM:SS or M:SS."""
     if seconds is None:
         return "?"
-    seconds = max(int(round(seconds)), 0)
+    seconds = max(round(seconds), 0)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
@@ -76,7 +76,7 @@ def describe(event: Event) -> str | None:
             f", resumed from step {event.resumed_from_step}" if event.resumed_from_step is not None else ""
         )
         return (
-            f"started {event.method} on {event.dataset} ({event.num_train} train / {event.num_eval} eval rows): "
+            f"started {event.method} on {event.dataset} ({event.num_train} train / {event.num_eval} eval): "
             f"{event.total_steps} steps on {event.device}, pid {event.pid}{resumed}"
         )
     if isinstance(event, Eval):
@@ -119,7 +119,7 @@ class ProgressLine:
         self._drawn = False
 
     def _bar(self, fraction: float) -> str:
-        filled = int(round(max(0.0, min(fraction, 1.0)) * BAR_WIDTH))
+        filled = round(max(0.0, min(fraction, 1.0)) * BAR_WIDTH)
         return "[" + "#" * filled + "-" * (BAR_WIDTH - filled) + f"] {fraction * 100:3.0f}%"
 
     def status(self, text: str, fraction: float | None = None) -> None:
@@ -174,7 +174,7 @@ class ProgressLine:
 def follow_run(
     run_dir: Path, on_event: Callable[[Event], None], *, since: float = 0.0, follow: bool = True
 ) -> RunSummary:
-    """Feed the run's events (those at or after `since`) to `on_event`; with `follow`, until the trainer exits."""
+    """Feed the run's events (at or after `since`) to `on_event`; with `follow`, until the trainer ends."""
     tail = EventTail(Path(run_dir) / RUN_EVENTS_FILE)
     while True:
         running = follow and is_running(run_dir)

@@ -1,4 +1,5 @@
-"""The Chat tab: talk to a base model, a run's newest checkpoint (hot-swapped as it trains), an adapter or a GGUF.
+"""The Chat tab: talk to a base model, a run's newest checkpoint (hot-swapped as it trains), an adapter or a
+GGUF.
 
 The chat engine is a subprocess (`python -m engine.chat`) started on demand; an async worker reads its event
 stream and posts messages, and handlers own every widget change.
@@ -9,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from pathlib import Path
+from typing import ClassVar
 
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.widgets import Input, Static
@@ -85,7 +87,7 @@ class ChatMessage(Static):
 class ChatView(TabView):
     """A transcript, one input line and a bar naming the model, its state and the sampling settings."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "stop", "Stop reply"),
         Binding("ctrl+o", "pick_source", "Model"),
         Binding("ctrl+s", "settings", "Settings"),
@@ -125,8 +127,11 @@ class ChatView(TabView):
     def compose(self) -> ComposeResult:
         yield Static(id="chat-bar")
         yield VerticalScroll(id="chat-log")
-        yield Input(placeholder="Ask something · enter sends · esc stops · ^o model · ^s settings · ^t compare",
-                    compact=True, id="chat-input")
+        yield Input(
+            placeholder="Ask something · enter sends · esc stops · ^o model · ^s settings · ^t compare",
+            compact=True,
+            id="chat-input",
+        )
 
     def on_mount(self) -> None:
         saved = self.prefs.get("chat_sampling")
@@ -135,15 +140,18 @@ class ChatView(TabView):
             self.sampling = Sampling(**{k: v for k, v in saved.items() if k in known})
         self.compare = bool(self.prefs.get("chat_compare", False))
         self.source = self._saved_source() or self._default_source()
-        self._note("Type a question and press enter; the model loads on the first message. "
-                   "ctrl+o picks a base model, a run (its newest checkpoint, swapped in as it trains), an adapter "
-                   "or a GGUF file.")
+        self._note(
+            "Type a question and press enter; the model loads on the first message. "
+            "ctrl+o picks a base model, a run (its newest checkpoint, swapped in as it trains), an adapter "
+            "or a GGUF file."
+        )
         self._update_bar()
 
     def focus_default(self) -> None:
         self.query_one("#chat-input", Input).focus()
 
-    # Sources ---------------------------------------------------------------------------------------------------
+    # Sources
+    # ---------------------------------------------------------------------------------------------------
 
     def _saved_source(self) -> ChatSource | None:
         saved = self.prefs.get("chat_source")
@@ -187,11 +195,19 @@ class ChatView(TabView):
             options.append((f"base model  {model}", f"base|{model}|"))
         for run_dir in reversed(self.workspace.list_run_dirs()):
             newest = latest_checkpoint(run_dir)
-            note = f"newest checkpoint {newest.name}" if newest else "no checkpoint yet: loads the first one saved"
-            options.append((f"run  {run_dir.name}  ({note})", f"run|{self.engine.run_base_model(run_dir)}|{run_dir}"))
+            note = (
+                f"newest checkpoint {newest.name}"
+                if newest
+                else "no checkpoint yet: loads the first one saved"
+            )
+            options.append(
+                (f"run  {run_dir.name}  ({note})", f"run|{self.engine.run_base_model(run_dir)}|{run_dir}")
+            )
         if self.workspace.exports_dir.is_dir():
             for gguf in sorted(self.workspace.exports_dir.rglob("*.gguf")):
-                options.append((f"GGUF  {gguf.relative_to(self.workspace.exports_dir)}", f"gguf|{DEMO_MODEL}|{gguf}"))
+                options.append(
+                    (f"GGUF  {gguf.relative_to(self.workspace.exports_dir)}", f"gguf|{DEMO_MODEL}|{gguf}")
+                )
         options.append(("adapter folder…  (type its path)", "adapter-prompt||"))
         current = f"{self.source.kind}|{self.source.base}|{self.source.path}" if self.source else ""
 
@@ -201,18 +217,29 @@ class ChatView(TabView):
             kind, base, path = value.split("|", 2)
             if kind == "adapter-prompt":
                 self.app.push_screen(
-                    PromptScreen("Adapter folder", "A PEFT adapter folder and the base model it was trained on.",
-                                 placeholder="runs/<id>/checkpoints/step_100",
-                                 choices=[(m, m) for m in self.engine.list_models()], choice=DEMO_MODEL),
-                    lambda answer: answer and self.set_source(
-                        ChatSource("adapter", answer[1], str(self.workspace.root / Path(answer[0]).expanduser()))),
+                    PromptScreen(
+                        "Adapter folder",
+                        "A PEFT adapter folder and the base model it was trained on.",
+                        placeholder="runs/<id>/checkpoints/step_100",
+                        choices=[(m, m) for m in self.engine.list_models()],
+                        choice=DEMO_MODEL,
+                    ),
+                    lambda answer: (
+                        answer
+                        and self.set_source(
+                            ChatSource(
+                                "adapter", answer[1], str(self.workspace.root / Path(answer[0]).expanduser())
+                            )
+                        )
+                    ),
                 )
                 return
             self.set_source(ChatSource(kind, base or DEMO_MODEL, path))
 
         self.app.push_screen(PickScreen("Chat with", options, current), picked)
 
-    # Engine process --------------------------------------------------------------------------------------------
+    # Engine process
+    # --------------------------------------------------------------------------------------------
 
     def _start_engine(self) -> None:
         if self.source is None:
@@ -246,7 +273,9 @@ class ChatView(TabView):
 
     async def _send(self, request: dict) -> None:
         if self.process is None:
-            raise EngineError("The chat engine is not running.", title="Chat", next_step="Send a message to load it.")
+            raise EngineError(
+                "The chat engine is not running.", title="Chat", next_step="Send a message to load it."
+            )
         await self.process.send(request)
 
     @on(EngineEvent)
@@ -294,11 +323,17 @@ class ChatView(TabView):
         self._finish_streaming("(engine stopped)")
         if not was_failed and event.code != 0:
             self._note(f"{event.cause} Log: {event.log_path}")
-            self.app.show_failure(EngineError(  # type: ignore[attr-defined]
-                event.cause, title="Chat engine stopped", next_step=f"See {event.log_path}; send again to restart."))
+            self.app.show_failure(
+                EngineError(  # type: ignore[attr-defined]
+                    event.cause,
+                    title="Chat engine stopped",
+                    next_step=f"See {event.log_path}; send again to restart.",
+                )
+            )
         self._set_state("stopped" if not was_failed else "failed")
 
-    # Conversation ----------------------------------------------------------------------------------------------
+    # Conversation
+    # ----------------------------------------------------------------------------------------------
 
     @on(Input.Submitted, "#chat-input")
     async def _submitted(self, event: Input.Submitted) -> None:
@@ -350,8 +385,10 @@ class ChatView(TabView):
             self.replies[(request_id, "base")] = base
             self.replies[(request_id, "adapter")] = adapter
         else:
-            reply = ChatMessage("assistant", title=self._adapter_title() if self.source and
-                                self.source.kind != "base" else "base")
+            reply = ChatMessage(
+                "assistant",
+                title=self._adapter_title() if self.source and self.source.kind != "base" else "base",
+            )
             await log.mount(reply)
             self.replies[(request_id, "adapter")] = reply
             # A base-only engine may label its replies "base"; both map to the one widget.
@@ -378,12 +415,17 @@ class ChatView(TabView):
         widget = self._reply_widget(event.request_id, event.slot)
         if widget is None:
             return
-        reason = {"eos": "end", "length": "length limit", "stopped": "stopped by you"}.get(event.stop_reason,
-                                                                                          event.stop_reason)
+        reason = {"eos": "end", "length": "length limit", "stopped": "stopped by you"}.get(
+            event.stop_reason, event.stop_reason
+        )
         widget.finish(event.text, f"{event.tokens} tokens · {event.tokens_per_s:.1f} tok/s · {reason}")
-        done_slots = {slot for (rid, slot), w in self.replies.items() if rid == event.request_id and not w.streaming}
+        done_slots = {
+            slot for (rid, slot), w in self.replies.items() if rid == event.request_id and not w.streaming
+        }
         still_streaming = any(w.streaming for (rid, _), w in self.replies.items() if rid == event.request_id)
-        if event.slot == "adapter" or (event.slot == "base" and "adapter" not in done_slots and not still_streaming):
+        if event.slot == "adapter" or (
+            event.slot == "base" and "adapter" not in done_slots and not still_streaming
+        ):
             self.history.append({"role": "assistant", "content": widget.text})
         if not still_streaming:
             self.active_request = None
@@ -437,7 +479,8 @@ class ChatView(TabView):
     def _run_launched(self) -> None:
         self._update_bar()
 
-    # Drawing ---------------------------------------------------------------------------------------------------
+    # Drawing
+    # ---------------------------------------------------------------------------------------------------
 
     def _note(self, text: str) -> None:
         self.query_one("#chat-log", VerticalScroll).mount(ChatMessage("note", text))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static, TextArea
@@ -12,7 +14,9 @@ from textual.widgets import Button, Input, Label, Static, TextArea
 from tui.screens.chat import Sampling
 
 
-def parse_sampling(system: str, max_new_tokens: str, temperature: str, top_p: str) -> tuple[Sampling | None, str]:
+def parse_sampling(
+    system: str, max_new_tokens: str, temperature: str, top_p: str
+) -> tuple[Sampling | None, str]:
     """The settings typed, or None and one sentence on the first bad field."""
     try:
         tokens = int(max_new_tokens)
@@ -38,7 +42,7 @@ def parse_sampling(system: str, max_new_tokens: str, temperature: str, top_p: st
 class ChatSettingsScreen(ModalScreen[Sampling | None]):
     """Edit the system prompt and sampling; ctrl+s keeps them."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+s", "save", "Keep"),
         Binding("escape", "cancel", "Cancel"),
     ]

@@ -1,4 +1,5 @@
-"""The Dataset tab: the workspace's datasets, one open in a table with token counts and lints, edited in place.
+"""The Dataset tab: the workspace's datasets, one open in a table with token counts and lints, edited in
+place.
 
 Every committed change is autosaved atomically off the UI thread; lints and token counts (engine.template's
 PromptRenderer for the chosen model folder, else an estimate) are computed by a worker after each change.
@@ -8,11 +9,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+from typing import ClassVar
 
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import DataTable, Input, OptionList, Static
@@ -31,7 +33,8 @@ NEW_DATASET = "+new"
 
 
 def masked_prompt_text(tokens: list[tuple[str, bool]]) -> Text:
-    """Rendered training text: prompt tokens dim, trained tokens on alternating backgrounds so each is visible."""
+    """Rendered training text: prompt tokens dim, trained tokens on alternating backgrounds so each is
+    visible."""
     text = Text()
     trained_index = 0
     for token_text, trained in tokens:
@@ -49,7 +52,7 @@ def masked_prompt_text(tokens: list[tuple[str, bool]]) -> Text:
 class DatasetView(TabView):
     """Datasets on the left; the open one as a table, its selected row's lints and rendered prompt below."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("a", "add", "Add"),
         Binding("e,enter", "edit", "Edit"),
         Binding("d,delete", "delete", "Delete"),
@@ -76,7 +79,9 @@ class DatasetView(TabView):
     class LintsReady(Message):
         """Token counts and lints of one version of the open dataset."""
 
-        def __init__(self, path: Path, version: int, counts: list[int], lints: list[Lint], exact: bool) -> None:
+        def __init__(
+            self, path: Path, version: int, counts: list[int], lints: list[Lint], exact: bool
+        ) -> None:
             super().__init__()
             self.path, self.version, self.counts, self.lints, self.exact = path, version, counts, lints, exact
 
@@ -120,7 +125,9 @@ class DatasetView(TabView):
                 yield OptionList(id="ds-list")
                 yield Static(id="ds-tokenizer")
             with Vertical(id="ds-main"):
-                yield Input(placeholder="filter: type to narrow rows, esc clears", compact=True, id="ds-filter")
+                yield Input(
+                    placeholder="filter: type to narrow rows, esc clears", compact=True, id="ds-filter"
+                )
                 table: DataTable[Text | str] = DataTable(cursor_type="row", id="ds-table")
                 yield table
                 yield Static(id="ds-summary")
@@ -136,8 +143,9 @@ class DatasetView(TabView):
         table.add_column("tok", key="tokens", width=4)
         table.add_column("!", key="lint", width=2)
         self.query_one("#ds-filter").display = False
-        self._refresh_dataset_list(select=self.prefs.get("dataset"))
         self._update_tokenizer_label()
+        # The file is read by a worker; starting it after the first frame keeps startup quick.
+        self.call_after_refresh(self._refresh_dataset_list, self.prefs.get("dataset"))
 
     def on_resize(self) -> None:
         self._size_columns()
@@ -159,7 +167,8 @@ class DatasetView(TabView):
     def focus_default(self) -> None:
         self.query_one("#ds-table", DataTable).focus()
 
-    # Dataset list ----------------------------------------------------------------------------------------------
+    # Dataset list
+    # ----------------------------------------------------------------------------------------------
 
     def _refresh_dataset_list(self, select: str | None = None) -> None:
         options = self.query_one("#ds-list", OptionList)
@@ -212,12 +221,17 @@ class DatasetView(TabView):
                 markup=False,
             )
 
-    # Table -----------------------------------------------------------------------------------------------------
+    # Table
+    # -----------------------------------------------------------------------------------------------------
 
     def _matches(self, pair: QAPair) -> bool:
         needle = self.filter_text.casefold()
-        return not needle or needle in pair.question.casefold() or needle in pair.answer.casefold() \
+        return (
+            not needle
+            or needle in pair.question.casefold()
+            or needle in pair.answer.casefold()
             or needle in pair.system.casefold()
+        )
 
     def _row_cells(self, row: int) -> list[Text | str]:
         assert self.document is not None
@@ -226,7 +240,13 @@ class DatasetView(TabView):
         marks = "".join(dict.fromkeys(LINT_MARKS[lint.kind] for lint in self.lints_by_row.get(row, [])))
         lint_text = Text(marks[:2], style=LINT_STYLES.get(marks[:1], ""))
         tokens = Text("" if count is None else f"{count}", style="" if self.counts_exact else "dim")
-        return [Text(str(row + 1), style="dim"), one_line(pair.question), one_line(pair.answer), tokens, lint_text]
+        return [
+            Text(str(row + 1), style="dim"),
+            one_line(pair.question),
+            one_line(pair.answer),
+            tokens,
+            lint_text,
+        ]
 
     def _rebuild_table(self, focus_row: int | None = None) -> None:
         """Redraw every row (after an insert, delete, undo or filter change)."""
@@ -251,7 +271,9 @@ class DatasetView(TabView):
             return
         table = self.query_one("#ds-table", DataTable)
         index = self.visible_rows.index(row)
-        for column, value in zip(("row", "question", "answer", "tokens", "lint"), self._row_cells(row), strict=True):
+        for column, value in zip(
+            ("row", "question", "answer", "tokens", "lint"), self._row_cells(row), strict=True
+        ):
             table.update_cell_at((index, list(table.columns).index(column)), value)
 
     def current_row(self) -> int | None:
@@ -308,7 +330,8 @@ class DatasetView(TabView):
         lints_widget.display = bool(lints)
         self._render_preview(self.document.pairs[row])
 
-    # Lints and token counts (off the UI thread) ----------------------------------------------------------------
+    # Lints and token counts (off the UI thread)
+    # ----------------------------------------------------------------
 
     @property
     def max_tokens(self) -> int:
@@ -327,7 +350,9 @@ class DatasetView(TabView):
         self._lint_worker(self.document.path, version, pairs, self.tokenizer_model, self.max_tokens)
 
     @work(thread=True, exclusive=True, group="dataset-lint", exit_on_error=False)
-    def _lint_worker(self, path: Path, version: int, pairs: list[QAPair], model: str, max_tokens: int) -> None:
+    def _lint_worker(
+        self, path: Path, version: int, pairs: list[QAPair], model: str, max_tokens: int
+    ) -> None:
         model_dir = self.engine.model_dir(model)
         renderer = self.engine.renderer(model_dir) if model_dir is not None else None
         cache_tag = str(model_dir or "")
@@ -343,7 +368,9 @@ class DatasetView(TabView):
         lints = lint_pairs(
             pairs,
             max_tokens=max_tokens,
-            count_tokens=(lambda pair: by_pair[(pair.system, pair.question, pair.answer)]) if renderer else None,
+            count_tokens=(lambda pair: by_pair[(pair.system, pair.question, pair.answer)])
+            if renderer
+            else None,
         )
         self.post_message(self.LintsReady(path, version, counts, lints, renderer is not None))
 
@@ -373,7 +400,8 @@ class DatasetView(TabView):
             f"[dim]tokens:[/] {model}{how}\n[dim]max:[/] {self.max_tokens}  [dim]m/t change[/]"
         )
 
-    # Rendered training prompt ----------------------------------------------------------------------------------
+    # Rendered training prompt
+    # ----------------------------------------------------------------------------------
 
     def _render_preview(self, pair: QAPair) -> None:
         if not self.query_one("#ds-preview").display:
@@ -391,9 +419,14 @@ class DatasetView(TabView):
 
             prompt, completion = split_training_text(DEFAULT_CHAT_TEMPLATE, pair, eos_token="<|im_end|>")
             tokens = [(prompt, False), (completion, True)]
-            header = Text("training prompt (ChatML; pick a model folder with m for its template and tokens): "
-                          "trained text highlighted\n", style="italic dim")
-        self.post_message(self.PreviewReady((pair.system, pair.question, pair.answer), header + masked_prompt_text(tokens)))
+            header = Text(
+                "training prompt (ChatML; pick a model folder with m for its template and tokens): "
+                "trained text highlighted\n",
+                style="italic dim",
+            )
+        self.post_message(
+            self.PreviewReady((pair.system, pair.question, pair.answer), header + masked_prompt_text(tokens))
+        )
 
     @on(PreviewReady)
     def _preview_ready(self, event: PreviewReady) -> None:
@@ -404,9 +437,10 @@ class DatasetView(TabView):
         if (pair.system, pair.question, pair.answer) == event.key:
             self.query_one("#ds-prompt", Static).update(event.text)
 
-    # Editing ---------------------------------------------------------------------------------------------------
+    # Editing
+    # ---------------------------------------------------------------------------------------------------
 
-    def _editable(self, then) -> bool:  # noqa: ANN001 - a zero-argument callback
+    def _editable(self, then) -> bool:
         """True when edits may proceed; a file with unreadable lines asks first, then runs `then`."""
         doc = self.document
         if doc is None:
@@ -419,7 +453,9 @@ class DatasetView(TabView):
         def answered(yes: bool | None) -> None:
             if yes and self.document is doc:
                 backup = doc.keep_unreadable_lines_aside()
-                self.notify(f"The original file was copied to {backup.name}.", title="Unreadable lines set aside")
+                self.notify(
+                    f"The original file was copied to {backup.name}.", title="Unreadable lines set aside"
+                )
                 self._update_summary()
                 then()
 
@@ -465,8 +501,12 @@ class DatasetView(TabView):
                 self._committed(self.document.add(pair, at), structural=True)
 
         self.app.push_screen(
-            EditPairScreen(QAPair("", ""), title="New pair", other_questions=self._other_questions(None),
-                           max_tokens=self.max_tokens),
+            EditPairScreen(
+                QAPair("", ""),
+                title="New pair",
+                other_questions=self._other_questions(None),
+                max_tokens=self.max_tokens,
+            ),
             done,
         )
 
@@ -491,8 +531,12 @@ class DatasetView(TabView):
                     self._committed(row, structural=not self._matches(pair))
 
         self.app.push_screen(
-            EditPairScreen(doc.pairs[row], title=f"Edit pair {row + 1}", other_questions=self._other_questions(row),
-                           max_tokens=self.max_tokens),
+            EditPairScreen(
+                doc.pairs[row],
+                title=f"Edit pair {row + 1}",
+                other_questions=self._other_questions(row),
+                max_tokens=self.max_tokens,
+            ),
             done,
         )
 
@@ -533,7 +577,8 @@ class DatasetView(TabView):
             return
         self._committed(change.focus_row, structural=True)
 
-    # Autosave --------------------------------------------------------------------------------------------------
+    # Autosave
+    # --------------------------------------------------------------------------------------------------
 
     def _save(self) -> None:
         if self.document is not None:
@@ -560,7 +605,8 @@ class DatasetView(TabView):
         if self.document is not None:
             self._load(self.document.path)
 
-    # Filter ----------------------------------------------------------------------------------------------------
+    # Filter
+    # ----------------------------------------------------------------------------------------------------
 
     def action_filter(self) -> None:
         """Show the filter field."""
@@ -584,7 +630,8 @@ class DatasetView(TabView):
             field.display = False
             self.query_one("#ds-table").focus()
 
-    # Files: new, import, export --------------------------------------------------------------------------------
+    # Files: new, import, export
+    # --------------------------------------------------------------------------------
 
     def action_new_dataset(self) -> None:
         """Create an empty dataset in datasets/."""
@@ -602,8 +649,10 @@ class DatasetView(TabView):
             self._refresh_dataset_list(select=path.name)
             self._load(path)
 
-        self.app.push_screen(PromptScreen("New dataset", "A file name in datasets/ (.jsonl is added).",
-                                          placeholder="my_qa"), named)
+        self.app.push_screen(
+            PromptScreen("New dataset", "A file name in datasets/ (.jsonl is added).", placeholder="my_qa"),
+            named,
+        )
 
     def action_import(self) -> None:
         """Append pairs from an alpaca, ShareGPT, OpenAI-messages, JSONL or CSV file."""
@@ -633,8 +682,11 @@ class DatasetView(TabView):
         if self.document is None:
             path = self.workspace.datasets_dir / f"{event.source.stem}.jsonl"
             if path.exists():
-                self.app.show_failure(DatasetError(  # type: ignore[attr-defined]
-                    f"{path.name} already exists.", next_step="Open it first, then import into it."))
+                self.app.show_failure(
+                    DatasetError(  # type: ignore[attr-defined]
+                        f"{path.name} already exists.", next_step="Open it first, then import into it."
+                    )
+                )
                 return
             self.document = DatasetDocument.open(path)
             self._refresh_dataset_list(select=path.name)
@@ -642,7 +694,9 @@ class DatasetView(TabView):
             return
         first = self.document.extend(event.pairs)
         self._committed(first, structural=True)
-        self.notify(f"Imported {len(event.pairs)} pairs from {event.source.name}; u undoes.", title="Imported")
+        self.notify(
+            f"Imported {len(event.pairs)} pairs from {event.source.name}; u undoes.", title="Imported"
+        )
 
     def action_export(self) -> None:
         """Write the open dataset in another format (alpaca, ShareGPT, OpenAI messages, CSV)."""
@@ -663,9 +717,13 @@ class DatasetView(TabView):
                 self._export_worker(self.workspace.root / path, list(doc.pairs), fmt)
 
         self.app.push_screen(
-            PromptScreen("Export dataset", "Where to write it (relative to the workspace) and in which format.",
-                         value=default, choices=[(fmt, fmt) for fmt in FORMATS if fmt != "jsonl"] + [("jsonl", "jsonl")],
-                         choice="openai"),
+            PromptScreen(
+                "Export dataset",
+                "Where to write it (relative to the workspace) and in which format.",
+                value=default,
+                choices=[(fmt, fmt) for fmt in FORMATS if fmt != "jsonl"] + [("jsonl", "jsonl")],
+                choice="openai",
+            ),
             chosen,
         )
 
@@ -674,7 +732,8 @@ class DatasetView(TabView):
         export_pairs(path, pairs, fmt)
         self.app.call_from_thread(self.notify, f"Wrote {len(pairs)} pairs to {path}.", title="Exported")
 
-    # Tokenizer and limit ---------------------------------------------------------------------------------------
+    # Tokenizer and limit
+    # ---------------------------------------------------------------------------------------
 
     def action_pick_model(self) -> None:
         """Choose the base model whose tokenizer and chat template count and render rows."""
@@ -712,8 +771,12 @@ class DatasetView(TabView):
             self._update_tokenizer_label()
             self._relint()
 
-        self.app.push_screen(PromptScreen("Max tokens per pair", "Rows longer than this are flagged (L).",
-                                          value=str(self.max_tokens)), chosen)
+        self.app.push_screen(
+            PromptScreen(
+                "Max tokens per pair", "Rows longer than this are flagged (L).", value=str(self.max_tokens)
+            ),
+            chosen,
+        )
 
     def action_toggle_preview(self) -> None:
         """Show or hide the rendered-prompt pane (more rows for the table)."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static, TextArea
@@ -30,12 +32,14 @@ def quick_lints(pair: QAPair, other_questions: set[str], max_tokens: int | None)
 class EditPairScreen(ModalScreen[QAPair | None]):
     """Edit one pair; ctrl+s keeps it (and autosaves the file), escape throws the edit away."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+s", "save", "Keep edit"),
         Binding("escape", "cancel", "Cancel"),
     ]
 
-    def __init__(self, pair: QAPair, *, title: str, other_questions: set[str], max_tokens: int | None) -> None:
+    def __init__(
+        self, pair: QAPair, *, title: str, other_questions: set[str], max_tokens: int | None
+    ) -> None:
         super().__init__()
         self.pair = pair
         self.title_text = title
@@ -44,8 +48,12 @@ class EditPairScreen(ModalScreen[QAPair | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="edit-pair"):
-            yield Label(f"{self.title_text}  [dim]ctrl+s keep · esc cancel · tab next field[/]", id="edit-title")
-            yield Input(self.pair.system, placeholder="system prompt (optional)", compact=True, id="edit-system")
+            yield Label(
+                f"{self.title_text}  [dim]ctrl+s keep · esc cancel · tab next field[/]", id="edit-title"
+            )
+            yield Input(
+                self.pair.system, placeholder="system prompt (optional)", compact=True, id="edit-system"
+            )
             yield Label("question", classes="edit-label")
             yield TextArea(self.pair.question, id="edit-question", soft_wrap=True, tab_behavior="focus")
             yield Label("answer", classes="edit-label")

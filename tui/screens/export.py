@@ -1,13 +1,15 @@
-"""The Export tab: pick a run, a checkpoint and quantisations, run `python -m engine.export` and watch each stage."""
+"""The Export tab: pick a run, a checkpoint and quantisations, run `python -m engine.export` and watch each
+stage."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, Checkbox, Label, ProgressBar, Select, Static
@@ -35,8 +37,11 @@ def outputs_text(outputs: dict) -> Text:
     for name, value in outputs.items():
         if name.endswith("_s") or name == "durations_s":
             continue
-        items = value.items() if isinstance(value, dict) else (
-            [(name, item) for item in value] if isinstance(value, list) else [(name, value)])
+        items = (
+            value.items()
+            if isinstance(value, dict)
+            else ([(name, item) for item in value] if isinstance(value, list) else [(name, value)])
+        )
         for label, path in items:
             text.append(f"  {label}: ", style="dim")
             text.append(f"{path}\n")
@@ -61,8 +66,9 @@ class StageRow(Horizontal):
         if event.total:
             bar.update(total=event.total, progress=event.current)
         eta = f" eta {format_duration(event.eta_s)}" if event.eta_s else ""
-        self.query_one(".stage-message", Static).update(Text(f"{event.message}{eta}", style="dim", no_wrap=True,
-                                                             overflow="ellipsis"))
+        self.query_one(".stage-message", Static).update(
+            Text(f"{event.message}{eta}", style="dim", no_wrap=True, overflow="ellipsis")
+        )
 
     def complete(self) -> None:
         """Mark the stage done."""
@@ -73,7 +79,7 @@ class StageRow(Horizontal):
 class ExportView(TabView):
     """Choices on top, per-stage progress and the written files below."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("x", "start_export", "Export"),
         Binding("escape", "cancel_export", "Cancel export", show=False),
     ]
@@ -104,8 +110,9 @@ class ExportView(TabView):
                 yield Select([], prompt="(no runs yet)", compact=True, id="export-run")
             with Horizontal(classes="form-row"):
                 yield Label("checkpoint", classes="form-label")
-                yield Select([("newest checkpoint", NEWEST)], allow_blank=False, compact=True,
-                             id="export-checkpoint")
+                yield Select(
+                    [("newest checkpoint", NEWEST)], allow_blank=False, compact=True, id="export-checkpoint"
+                )
             with Horizontal(classes="form-row", id="export-quants"):
                 yield Label("quantise", classes="form-label")
                 for quant in QUANTS:
@@ -113,8 +120,10 @@ class ExportView(TabView):
                 yield Checkbox("overwrite", value=False, compact=True, id="export-force")
             with Horizontal(classes="form-row"):
                 yield Button("Export (x)", variant="primary", compact=True, id="export-start")
-        yield Static("[dim]Merges the adapter into the base model, converts it to GGUF and quantises it.[/]",
-                     id="export-status")
+        yield Static(
+            "[dim]Merges the adapter into the base model, converts it to GGUF and quantises it.[/]",
+            id="export-status",
+        )
         yield VerticalScroll(id="export-stages")
         yield Static(id="export-outputs")
 
@@ -139,8 +148,10 @@ class ExportView(TabView):
         run = self.query_one("#export-run", Select).value
         options = [("newest checkpoint", NEWEST)]
         if run is not Select.NULL:
-            options += [(path.name, str(checkpoint_step(path)))
-                        for path in reversed(checkpoint_dirs(self.workspace.runs_dir / str(run)))]
+            options += [
+                (path.name, str(checkpoint_step(path)))
+                for path in reversed(checkpoint_dirs(self.workspace.runs_dir / str(run)))
+            ]
         self.query_one("#export-checkpoint", Select).set_options(options)
 
     @on(Select.Changed, "#export-run")
@@ -171,7 +182,9 @@ class ExportView(TabView):
         self.query_one("#export-stages", VerticalScroll).remove_children()
         self.query_one("#export-outputs", Static).update("")
         self.running, self.finished = True, False
-        self._status(f"Exporting {run}{'' if step is None else f' at step {step}'} → {', '.join(quants) or 'f16'}…")
+        self._status(
+            f"Exporting {run}{'' if step is None else f' at step {step}'} → {', '.join(quants) or 'f16'}…"
+        )
         force = self.query_one("#export-force", Checkbox).value
         self._export_worker(self.workspace.runs_dir / str(run), step, quants, force)
 
@@ -226,7 +239,9 @@ class ExportView(TabView):
             self._status(f"Export {event.status} in {format_duration(event.elapsed_s)}.")
         elif isinstance(event, RunFailed):
             self.finished = True
-            self._status(f"✖ {event.title}: {event.cause}" + (f" → {event.next_step}" if event.next_step else ""))
+            self._status(
+                f"✖ {event.title}: {event.cause}" + (f" → {event.next_step}" if event.next_step else "")
+            )
             self.app.show_failure(ExportError(event.cause, title=event.title, next_step=event.next_step))  # type: ignore[attr-defined]
 
     @on(EngineExited)

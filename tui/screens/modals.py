@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 from rich.table import Table
 from rich.text import Text
@@ -29,7 +30,7 @@ class ErrorScreen(ModalScreen[None]):
     ErrorScreen #error-next { color: $text-muted; margin-top: 1; }
     ErrorScreen Horizontal { height: auto; align-horizontal: right; margin-top: 1; }
     """
-    BINDINGS = [Binding("escape,enter", "dismiss", "Close")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter", "dismiss", "Close")]
 
     def __init__(self, failure: Failure) -> None:
         super().__init__()
@@ -61,7 +62,7 @@ class ConfirmScreen(ModalScreen[bool]):
     ConfirmScreen Horizontal { height: auto; align-horizontal: right; margin-top: 1; }
     ConfirmScreen Button { margin-left: 2; }
     """
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("y", "answer(True)", "Yes"),
         Binding("n,escape", "answer(False)", "No"),
     ]
@@ -100,7 +101,7 @@ class PromptScreen(ModalScreen[tuple[str, str] | None]):
     PromptScreen #prompt-hint { color: $text-muted; }
     PromptScreen Input, PromptScreen Select { margin-top: 1; }
     """
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
 
     def __init__(
         self,
@@ -128,7 +129,10 @@ class PromptScreen(ModalScreen[tuple[str, str] | None]):
             yield Input(self.value, placeholder=self.placeholder, compact=True, id="prompt-input")
             if self.choices:
                 yield Select(
-                    self.choices, value=self.choice or self.choices[0][1], allow_blank=False, compact=True,
+                    self.choices,
+                    value=self.choice or self.choices[0][1],
+                    allow_blank=False,
+                    compact=True,
                     id="prompt-choice",
                 )
 
@@ -181,7 +185,7 @@ class HelpScreen(ModalScreen[None]):
     }
     HelpScreen .help-section { margin-bottom: 1; height: auto; }
     """
-    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,question_mark", "dismiss", "Close")]
 
     def __init__(self, sections: list[tuple[str, list[BindingType]]], tips: str = "") -> None:
         super().__init__()
@@ -208,7 +212,7 @@ class PickScreen(ModalScreen[str | None]):
     PickScreen #pick-title { text-style: bold; }
     PickScreen OptionList { height: auto; max-height: 16; }
     """
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
 
     def __init__(self, title: str, options: list[tuple[str, str]], current: str = "") -> None:
         super().__init__()
@@ -233,7 +237,7 @@ class PickScreen(ModalScreen[str | None]):
             options.highlighted = values.index(self.current)
         options.focus()
 
-    def on_option_list_option_selected(self, event) -> None:  # noqa: ANN001 - OptionList.OptionSelected
+    def on_option_list_option_selected(self, event) -> None:
         self.dismiss(event.option.id)
 
     def action_cancel(self) -> None:

@@ -7,11 +7,11 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.suggester import SuggestFromList
@@ -59,13 +59,16 @@ def value_text(value: Any) -> str:
 
 
 def override_text(path: str, text: str, kind: Any) -> str:
-    """`section.key=value` with text values quoted as TOML strings, so `true` or `1e-4` stay what they look like."""
+    """`section.key=value` with text values quoted as TOML strings, so `true` or `1e-4` stay what they look
+    like."""
     if kind == "number":
         return f"{path}={text.strip()}"
     return f"{path}={json.dumps(text.strip())}"
 
 
-def estimated_steps(pairs: int, epochs: float, max_steps: int, batch: int, accum: int, eval_fraction: float) -> int:
+def estimated_steps(
+    pairs: int, epochs: float, max_steps: int, batch: int, accum: int, eval_fraction: float
+) -> int:
     """About how many optimizer steps a recipe takes on `pairs` rows (what the trainer will report)."""
     if max_steps > 0:
         return max_steps
@@ -86,7 +89,7 @@ def count_rows(path: Path) -> int:
 class NewRunScreen(ModalScreen[tuple[str, list[str]] | None]):
     """Pick a recipe, adjust knobs, start; dismisses with (recipe path, overrides)."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+s", "start", "Start run"),
         Binding("escape", "cancel", "Cancel"),
     ]
@@ -106,29 +109,46 @@ class NewRunScreen(ModalScreen[tuple[str, list[str]] | None]):
         last = self.prefs.get("recipe")
         initial = last if any(value == last for _, value in recipe_options) else None
         if initial is None:
-            initial = next((v for name, v in recipe_options if name == "demo-cpu"), recipe_options[0][1] if recipe_options else None)
+            initial = next(
+                (v for name, v in recipe_options if name == "demo-cpu"),
+                recipe_options[0][1] if recipe_options else None,
+            )
         datasets = [p.name for p in self.engine.workspace.list_datasets()]
         with Vertical(id="new-run"):
             yield Label("New training run  [dim]ctrl+s start · esc cancel[/]", id="new-run-title")
             with Horizontal(classes="form-row"):
                 yield Label("recipe", classes="form-label")
-                yield Select(recipe_options, value=initial or Select.NULL, allow_blank=False, compact=True, id="f-recipe")
+                yield Select(
+                    recipe_options,
+                    value=initial or Select.NULL,
+                    allow_blank=False,
+                    compact=True,
+                    id="f-recipe",
+                )
             with Grid(id="new-run-grid"):
                 for path, label, kind in FIELDS:
                     yield Label(label, classes="form-label")
                     if kind == "dataset":
                         options = [(name, name) for name in datasets]
-                        yield Select(options, allow_blank=True, compact=True, id=field_id(path),
-                                     prompt="(recipe's)")
+                        yield Select(
+                            options, allow_blank=True, compact=True, id=field_id(path), prompt="(recipe's)"
+                        )
                     elif isinstance(kind, tuple):
-                        yield Select([(c, c) for c in kind], allow_blank=False, compact=True, id=field_id(path))
+                        yield Select(
+                            [(c, c) for c in kind], allow_blank=False, compact=True, id=field_id(path)
+                        )
                     else:
                         suggester = (
                             SuggestFromList(self.engine.list_models(), case_sensitive=False)
-                            if path == "model.base" else None
+                            if path == "model.base"
+                            else None
                         )
-                        yield Input(compact=True, id=field_id(path), suggester=suggester,
-                                    type="number" if kind == "number" else "text")
+                        yield Input(
+                            compact=True,
+                            id=field_id(path),
+                            suggester=suggester,
+                            type="number" if kind == "number" else "text",
+                        )
             yield Static(id="new-run-summary")
             yield Static(id="new-run-error")
             with Horizontal(id="new-run-buttons"):
@@ -203,8 +223,14 @@ class NewRunScreen(ModalScreen[tuple[str, list[str]] | None]):
         self._show_error("", None)
         dataset_path = self.engine.workspace.datasets_dir / recipe.data.dataset
         pairs = count_rows(dataset_path)
-        steps = estimated_steps(pairs, recipe.train.epochs, recipe.train.max_steps, recipe.train.batch_size,
-                                recipe.train.grad_accum, recipe.data.eval_fraction)
+        steps = estimated_steps(
+            pairs,
+            recipe.train.epochs,
+            recipe.train.max_steps,
+            recipe.train.batch_size,
+            recipe.train.grad_accum,
+            recipe.data.eval_fraction,
+        )
         where = f"{pairs} pairs" if dataset_path.exists() else f"{recipe.data.dataset} (not in datasets/)"
         changed = ", ".join(o.split("=")[0] for o in self.overrides) or "none"
         self.query_one("#new-run-summary", Static).update(

@@ -1,4 +1,5 @@
-"""The Train tab: every run with its status, and a live view of one that replays its events.jsonl then tails it.
+"""The Train tab: every run with its status, and a live view of one that replays its events.jsonl then tails
+it.
 
 A run started before the TUI opened (or by another TUI, or from the CLI) shows its whole history and keeps
 updating; a dead process without an end event reads `interrupted` and offers resume, never `running`.
@@ -9,11 +10,12 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import DataTable, ProgressBar, RichLog, Static
@@ -59,7 +61,9 @@ def metrics_text(snap: RunSnapshot) -> Text:
     text = Text()
     text.append_text(_metric("━ loss", _fmt(snap.loss, "{:.4f}"), LOSS_COLOR))
     if snap.eval_loss is not None:
-        best = f" (best {snap.best_eval_loss:.4f})" if snap.best_eval_loss not in (None, snap.eval_loss) else ""
+        best = (
+            f" (best {snap.best_eval_loss:.4f})" if snap.best_eval_loss not in (None, snap.eval_loss) else ""
+        )
         text.append_text(_metric("━ eval", f"{snap.eval_loss:.4f}{best}", EVAL_COLOR))
     text.append_text(_metric("lr", _fmt(snap.learning_rate, "{:.2e}")))
     text.append_text(_metric("tok/s", _fmt(snap.tokens_per_s, "{:,.0f}")))
@@ -75,7 +79,9 @@ def progress_label(snap: RunSnapshot) -> Text:
     if snap.step == 0 and snap.stages and snap.is_active:
         stage = snap.stages[-1]
         total = f" {stage.current:.0f}/{stage.total:.0f}" if stage.total else ""
-        return Text(f"{stage.stage}{total} {stage.message}".strip(), style="dim", no_wrap=True, overflow="ellipsis")
+        return Text(
+            f"{stage.stage}{total} {stage.message}".strip(), style="dim", no_wrap=True, overflow="ellipsis"
+        )
     text = Text(no_wrap=True, overflow="ellipsis")
     text.append(f"{snap.step}/{snap.total_steps or '?'}", style="bold")
     text.append(f" ep {snap.epoch:.2f}", style="dim")
@@ -87,7 +93,8 @@ def progress_label(snap: RunSnapshot) -> Text:
 
 
 def problem_text(snap: RunSnapshot) -> tuple[Text, str] | None:
-    """The banner for a run that needs attention (failed, interrupted, stopped) or just ended, with its CSS class."""
+    """The banner for a run that needs attention (failed, interrupted, stopped) or just ended, with its CSS
+    class."""
     newest = f"step {snap.checkpoints[-1][0]}" if snap.checkpoints else "none yet"
     if snap.status == "failed":
         text = Text()
@@ -110,10 +117,14 @@ def problem_text(snap: RunSnapshot) -> tuple[Text, str] | None:
         text.append(f"\n→ r resumes from the newest checkpoint ({newest}).")
         return text, "-interrupted"
     if snap.status == "stopped":
-        return Text(f"■ Stopped at step {snap.step} after saving a checkpoint. Press r to resume."), "-stopped"
+        return Text(
+            f"■ Stopped at step {snap.step} after saving a checkpoint. Press r to resume."
+        ), "-stopped"
     if snap.status == "finished":
         final = f" with loss {snap.final_loss:.4f}" if snap.final_loss is not None else ""
-        return Text(f"✔ Finished at step {snap.step}{final}. Press c to chat with it, e to export it."), "-finished"
+        return Text(
+            f"✔ Finished at step {snap.step}{final}. Press c to chat with it, e to export it."
+        ), "-finished"
     return None
 
 
@@ -161,7 +172,9 @@ class RunDetail(Vertical):
             problem.display = False
         else:
             self._update("run-problem", banner[0])
-            problem.set_classes(banner[1])
+            if not problem.has_class(banner[1]):
+                # Changing classes restyles the widget, so only when the kind of banner changes.
+                problem.set_classes(banner[1])
             problem.display = True
         bar = self.query_one("#run-progress", ProgressBar)
         total, progress = max(snap.total_steps, 1), snap.step if snap.total_steps else 0
@@ -184,7 +197,7 @@ class RunDetail(Vertical):
 class TrainView(TabView):
     """Runs list on the left, the opened run on the right."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("n", "new_run", "New run"),
         Binding("s", "stop_run", "Stop"),
         Binding("r", "resume_run", "Resume"),
@@ -218,7 +231,9 @@ class TrainView(TabView):
         with Horizontal():
             with Vertical(id="runs-column"):
                 yield Static("Runs", id="runs-title")
-                table: DataTable[Text | str] = DataTable(cursor_type="row", zebra_stripes=False, id="runs-table")
+                table: DataTable[Text | str] = DataTable(
+                    cursor_type="row", zebra_stripes=False, id="runs-table"
+                )
                 yield table
             yield RunDetail(id="run-detail")
 
@@ -232,7 +247,8 @@ class TrainView(TabView):
     def focus_default(self) -> None:
         self.query_one("#runs-table", DataTable).focus()
 
-    # Polling ---------------------------------------------------------------------------------------------------
+    # Polling
+    # ---------------------------------------------------------------------------------------------------
 
     @work(thread=True, exclusive=True, group="train-follow", exit_on_error=False)
     def _follow(self) -> None:
@@ -317,7 +333,8 @@ class TrainView(TabView):
         self._row_order = []
         self.open_run(event.run_id)
 
-    # Actions ---------------------------------------------------------------------------------------------------
+    # Actions
+    # ---------------------------------------------------------------------------------------------------
 
     @property
     def opened(self) -> RunSnapshot | None:
@@ -338,7 +355,9 @@ class TrainView(TabView):
     def _start_run(self, recipe_path: str, overrides: list[str]) -> None:
         run_id = self.engine.start_run(Path(recipe_path), overrides)
         self.post_message(RunLaunched(run_id))
-        self.app.call_from_thread(self.notify, f"Run {run_id} started; it keeps training if you quit.", title="Run started")
+        self.app.call_from_thread(
+            self.notify, f"Run {run_id} started; it keeps training if you quit.", title="Run started"
+        )
 
     def action_stop_run(self) -> None:
         """Ask the opened run to save a checkpoint and exit."""
@@ -353,7 +372,9 @@ class TrainView(TabView):
                 self._stop_run(snap)
 
         self.app.push_screen(
-            ConfirmScreen("Stop run", f"Stop {snap.run_id}? It saves a checkpoint first; r resumes it.", "Stop"),
+            ConfirmScreen(
+                "Stop run", f"Stop {snap.run_id}? It saves a checkpoint first; r resumes it.", "Stop"
+            ),
             confirmed,
         )
 
@@ -371,8 +392,10 @@ class TrainView(TabView):
             self.notify("Open a run first.", severity="warning")
             return
         if snap.is_active or snap.status == "finished":
-            self.notify(f"{snap.run_id} is {snap.status}; only stopped, failed or interrupted runs resume.",
-                        severity="warning")
+            self.notify(
+                f"{snap.run_id} is {snap.status}; only stopped, failed or interrupted runs resume.",
+                severity="warning",
+            )
             return
         self._resume_run(snap.run_id)
 

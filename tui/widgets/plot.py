@@ -34,7 +34,8 @@ def _nice(value: float) -> str:
 def plot_lines(
     series: Sequence[tuple[Sequence[Point], str]], width: int, height: int, *, x_label: str = "step"
 ) -> list[Text]:
-    """Lines of a plot `width`×`height` cells: a y-axis, the series (later ones drawn over earlier) and an x-axis."""
+    """Lines of a plot `width`×`height` cells: a y-axis, the series (later ones drawn over earlier) and an
+    x-axis."""
     plot_w = max(4, width - Y_LABEL_WIDTH)
     plot_h = max(2, height - 1)
     points = [p for data, _ in series for p in data if math.isfinite(p[1])]
@@ -67,19 +68,27 @@ def plot_lines(
             owner[cy][cx] = style
 
     for data, style in series:
-        finite = [p for p in data if math.isfinite(p[1])]
+        # Points are reduced to one (low, high) span per dot column first, so drawing costs the plot's width,
+        # not the number of steps.
+        columns: dict[int, tuple[int, int]] = {}
+        for point in data:
+            if math.isfinite(point[1]):
+                dx, dy = to_dot(point)
+                low, high = columns.get(dx, (dy, dy))
+                columns[dx] = (min(low, dy), max(high, dy))
         previous: tuple[int, int] | None = None
-        for point in finite:
-            dx, dy = to_dot(point)
-            if previous is not None and len(finite) > 1:
-                # Join neighbours so a steep drop reads as a line, not scattered dots.
-                px, py = previous
-                steps = max(abs(dx - px), abs(dy - py), 1)
-                for i in range(1, steps + 1):
-                    set_dot(px + (dx - px) * i // steps, py + (dy - py) * i // steps, style)
-            else:
+        for dx in sorted(columns):
+            low, high = columns[dx]
+            for dy in range(low, high + 1):
                 set_dot(dx, dy, style)
-            previous = (dx, dy)
+            if previous is not None:
+                # Join neighbouring columns so a steep drop reads as a line, not scattered dots.
+                px, py = previous
+                target = low if abs(low - py) < abs(high - py) else high
+                steps = max(abs(dx - px), abs(target - py), 1)
+                for i in range(1, steps):
+                    set_dot(px + (dx - px) * i // steps, py + (target - py) * i // steps, style)
+            previous = (dx, (low + high) // 2)
 
     lines: list[Text] = []
     for row in range(plot_h):

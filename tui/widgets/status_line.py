@@ -28,8 +28,8 @@ def short_path(path: Path, limit: int = 28) -> str:
     text = str(path)
     home = str(Path.home())
     if text.startswith(home + "/") or text == home:
-        text = "~" + text[len(home):]
-    return text if len(text) <= limit else "…" + text[-(limit - 1):]
+        text = "~" + text[len(home) :]
+    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
 
 
 def describe_run(snapshot: RunSnapshot) -> Text:
@@ -74,7 +74,8 @@ class StatusLine(Static):
             self.snapshot = snapshot
 
     def on_mount(self) -> None:
-        self._watch_runs()
+        # Reading every run's events can wait until the first frame is on screen.
+        self.call_after_refresh(self._watch_runs)
 
     @work(thread=True, exclusive=True, group="status-line", exit_on_error=False)
     def _watch_runs(self) -> None:

@@ -1,0 +1,181 @@
+"""The packed training path (engine/fast.py) computes what the plain transformers + peft path computes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from engine import fast  # noqa: E402
+
+
+def _tiny_lora_model(seed: int = 0, dropout: float = 0.0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    model = LlamaForCausalLM(config)
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=dropout,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)  # a trained-looking adapter, so the LoRA branch matters
+    model.train()
+    return model
+
+
+def _examples(count: int, seed: int = 1) -> list[tuple[list[int], list[int]]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        prompt = rng.randint(2, 9)
+        answer = rng.randint(1, 12)
+        ids = [rng.randrange(1, 97) for _ in range(prompt + answer)]
+        out.append((ids, [-100] * prompt + ids[prompt:]))
+    return out
+
+
+def _reference_loss(model, examples) -> torch.Tensor:
+    """Mean answer-token loss through the model's own forward, one sample at a time."""
+    total = torch.zeros(())
+    count = 0
+    for ids, labels in examples:
+        out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+        n = sum(1 for label in labels[1:] if label != -100)
+        total = total + out.loss * n
+        count += n
+    return total / count
+
+
+def test_plan_micro_batches_respects_budget_and_keeps_every_sample():
+    lengths = [random.Random(3).randint(5, 300) for _ in range(40)]
+    lengths[7] = 900  # longer than the budget: gets a pack of its own
+    packs = fast.plan_micro_batches(list(range(40)), lengths, 512)
+    assert sorted(i for pack in packs for i in pack) == list(range(40))
+    for pack in packs:
+        assert len(pack) == 1 or sum(lengths[i] for i in pack) <= 512
+    assert [7] in packs
+
+
+def test_length_grouped_steps_cover_all_samples_once_with_step_size():
+    lengths = [random.Random(5).randint(1, 50) for _ in range(100)]
+    steps = fast.length_grouped_steps(lengths, 16, seed=0)
+    flat = [i for step in steps for i in step]
+    assert sorted(flat) == list(range(100))
+    assert all(len(step) == 16 for step in steps[:-1] if len(step) != 100 % 16)
+    assert steps == fast.length_grouped_steps(lengths, 16, seed=0)
+
+
+def test_shard_for_rank_partitions_a_step_evenly():
+    lengths = [10, 200, 30, 400, 50, 60, 70, 80]
+    shards = [fast.shard_for_rank(range(8), lengths, 3, rank) for rank in range(3)]
+    assert sorted(i for shard in shards for i in shard) == list(range(8))
+    loads = [sum(lengths[i] for i in shard) for shard in shards]
+    assert max(loads) - min(loads) <= max(lengths)
+
+
+def test_pack_examples_targets_stay_inside_each_sample():
+    examples = [([5, 6, 7, 8], [-100, -100, 7, 8]), ([9, 10, 11], [-100, 10, 11])]
+    batch = fast.pack_examples(examples)
+    assert batch.input_ids.tolist() == [5, 6, 7, 8, 9, 10, 11]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+    assert batch.cu_seqlens.tolist() == [0, 4, 7]
+    # Position 1 predicts 7, position 2 predicts 8; position 3 (end of sample 1) predicts nothing.
+    assert batch.target_positions.tolist() == [1, 2, 4, 5]
+    assert batch.targets.tolist() == [7, 8, 10, 11]
+    assert batch.num_targets == 4
+
+
+def test_packed_loss_matches_the_models_own_forward():
+    model = _tiny_lora_model()
+    examples = _examples(6)
+    runner = fast.PackedCausalLM(model, fast.FastOptions(max_tokens=64))
+    model.eval()
+    with torch.no_grad():
+        expected = _reference_loss(model, examples)
+        batch = fast.pack_examples(examples)
+        got = runner.loss_sum(batch) / batch.num_targets
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_gradients_match_the_models_own_backward():
+    examples = _examples(5)
+    reference = _tiny_lora_model(seed=2)
+    _reference_loss(reference, examples).backward()
+    expected = {n: p.grad.clone() for n, p in reference.named_parameters() if p.requires_grad}
+
+    model = _tiny_lora_model(seed=2)
+    runner = fast.PackedCausalLM(model, fast.FastOptions(max_tokens=40))
+    packs = fast.plan_micro_batches(list(range(5)), [len(e[0]) for e in examples], 40)
+    assert len(packs) > 1  # the step really is split and accumulated
+    batches = [fast.pack_examples([examples[i] for i in pack]) for pack in packs]
+    normalizer = sum(b.num_targets for b in batches)
+    for batch in batches:
+        (runner.loss_sum(batch) / normalizer).backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(param.grad, expected[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_checkpointed_dropout_recomputes_the_same_masks():
+    examples = _examples(4)
+    grads = []
+    for checkpointing in (False, True):
+        model = _tiny_lora_model(seed=3, dropout=0.3)
+        runner = fast.PackedCausalLM(model, fast.FastOptions(gradient_checkpointing=checkpointing))
+        torch.manual_seed(11)
+        batch = fast.pack_examples(examples)
+        runner.loss_sum(batch).backward()
+        grads.append(runner.flat.param.grad.clone())
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_train_step_with_flat_parameters_equals_per_tensor_step():
+    examples = _examples(6)
+    results = []
+    for flat in (False, True):
+        model = _tiny_lora_model(seed=4)
+        runner = fast.PackedCausalLM(model, fast.FastOptions(flat_parameters=flat))
+        optimizer = torch.optim.AdamW(runner.optimizer_parameters(), lr=1e-2, weight_decay=0.0)
+        batch = fast.pack_examples(examples)
+        losses = [float(runner.train_step(optimizer, [batch], max_grad_norm=0.5).loss) for _ in range(3)]
+        weights = torch.cat([p.detach().reshape(-1) for p in runner.trainable])
+        results.append((losses, weights))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+    assert results[1][0][-1] < results[1][0][0]
+
+
+def test_apply_gpu_speedups_declines_cpu_models():
+    model = _tiny_lora_model()
+
+    class Recipe:
+        class train:
+            gradient_checkpointing = True
+
+        class data:
+            max_length = 512
+
+    assert fast.apply_gpu_speedups(model, Recipe()) is None
+    assert fast.unsupported_reason(model) is None
