@@ -234,7 +234,7 @@ def build_model(model_dir: Path, shape: str) -> dict[str, Any]:
     }
 
 
-def load_4bit(model_dir: Path, torch: Any) -> Any:
+def load_4bit(model_dir: Path, torch: Any, device_index: int = 0) -> Any:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     cuda = torch.cuda.is_available()
@@ -248,7 +248,7 @@ def load_4bit(model_dir: Path, torch: Any) -> Any:
         model_dir,
         quantization_config=quant,
         dtype=torch.bfloat16 if cuda else torch.float32,
-        device_map={"": 0} if cuda else "cpu",
+        device_map={"": device_index} if cuda else "cpu",
         attn_implementation="sdpa",
     )
 
@@ -521,9 +521,10 @@ def parse_variant(text: str) -> dict[str, Any]:
         "fused_lora": "nofuse" not in flags,
         "flat_parameters": "noflat" not in flags,
         "fast_dequant": "nodq" not in flags,
-        "cache_absmax": "absmax" in flags,
+        "cache_absmax": "noabsmax" not in flags,
         "liger_norm": "tnorm" not in flags,
-        "offload_checkpoints": "nooff" not in flags,
+        "offload_checkpoints": "off" in flags,
+        "reentrant_checkpoint": "hooks" not in flags,
     }
 
 
@@ -581,6 +582,7 @@ def run_engine(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]
             cache_absmax=variant["cache_absmax"],
             liger_norm=variant["liger_norm"],
             offload_checkpoints=variant["offload_checkpoints"],
+            reentrant_checkpoint=variant["reentrant_checkpoint"],
         )
         for module in model.modules():
             module.__dict__.pop("_tunedeck_dequant", None)
@@ -684,6 +686,76 @@ def _host_costs(model: Any, torch: Any, fast: Any) -> dict[str, float]:
             costs[name] = round((time.perf_counter() - started) / 50 * 1e6, 1)
             torch.cuda.synchronize()
     return costs
+
+
+def run_engine_ddp(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
+    """The packed path on every GPU of the machine (torchrun): each process takes a token-balanced share of
+    each step's 16 samples, gradients are summed across processes; tokens/s counts all processes' tokens."""
+    import torch
+    import torch.distributed as dist
+    from peft import get_peft_model
+
+    from engine import fast
+
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    device = torch.device("cuda", local)
+    samples = data["samples"]
+    lengths = [len(s["ids"]) for s in samples]
+    examples = [(s["ids"], labels_of(s)) for s in samples]
+    steps_order = data["grouped_steps"][: args.steps]
+    torch.manual_seed(SEED)
+    model = load_4bit(args.model_dir, torch, local)
+    model.config.use_cache = False
+    model = get_peft_model(model, lora_config(0.1))
+    model.train()
+    variant = parse_variant(args.variants.split(",")[0])
+    options = fast.FastOptions(
+        max_tokens=variant["max_tokens"],
+        cache_absmax=variant["cache_absmax"],
+        offload_checkpoints=variant["offload_checkpoints"],
+    )
+    runner = fast.PackedCausalLM(model, options)
+    # Same starting adapters on every process.
+    dist.broadcast(runner.flat.param.data, src=0)
+    optimizer = _optimizer(runner.optimizer_parameters(), torch)
+    torch.cuda.reset_peak_memory_stats()
+    step_times, step_tokens, losses = [], [], []
+    dist.barrier()
+    mark = time.perf_counter()
+    for step in steps_order:
+        share = fast.shard_for_rank(step, lengths, world, rank)
+        micro = fast.plan_micro_batches(share, lengths, options.max_tokens)
+        batches = [fast.pack_examples([examples[i] for i in m], device) for m in micro]
+        step_targets = sum(1 for i in step for x in examples[i][1][1:] if x != -100)
+        stats = runner.train_step(
+            optimizer,
+            batches,
+            max_grad_norm=1.0,
+            num_targets=step_targets,
+            grad_sync=fast.all_reduce_gradients,
+        )
+        loss = stats.loss.detach().clone()
+        dist.all_reduce(loss)
+        losses.append(float(loss.item()))
+        now = time.perf_counter()
+        step_times.append(now - mark)
+        mark = now
+        step_tokens.append(sum(lengths[i] for i in step))
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 1024**3], device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    dist.destroy_process_group()
+    if rank != 0:
+        return {}
+    return summarize_steps(
+        step_times,
+        step_tokens,
+        losses,
+        args.warmup,
+        args.shape,
+        {**variant, "world_size": world, "peak_allocated_gib_max_rank": round(float(peak), 3)},
+    )
 
 
 def _parity_check(model: Any, examples: list[Any], device: Any, torch: Any, fast: Any) -> dict[str, float]:
@@ -790,6 +862,10 @@ def child(args: argparse.Namespace) -> int:
             result = run_engine_baseline(args, data)
         elif args.arm == "engine":
             result = run_engine(args, data)
+        elif args.arm == "engine-ddp":
+            result = run_engine_ddp(args, data)
+            if not result:
+                return 0
         else:
             raise ValueError(f"unknown arm {args.arm}")
         import torch
@@ -890,6 +966,23 @@ def summarize(results: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
             r = arms.get(other, {})
             if r.get("tokens_per_s"):
                 ratios[f"engine/{other}"] = round(engine["tokens_per_s"] / r["tokens_per_s"], 3)
+    ddp = arms.get("engine-ddp", {})
+    single = arms.get("engine", {}).get("variants", {}).get(ddp.get("name", ""), {})
+    if ddp.get("tokens_per_s") and single.get("tokens_per_s"):
+        ratios[f"engine-ddp x{ddp['world_size']} / engine x1 [{ddp['name']}]"] = round(
+            ddp["tokens_per_s"] / single["tokens_per_s"], 3
+        )
+        table.append(
+            {
+                "arm": f"engine-ddp x{ddp['world_size']}[{ddp['name']}]",
+                "tokens_per_s": ddp["tokens_per_s"],
+                "peak_allocated_gib": ddp["peak_allocated_gib_max_rank"],
+                "peak_reserved_gib": None,
+                "peak_device_used_gib": None,
+                "mfu": ddp["mfu"] / ddp["world_size"],
+                "s_per_step": ddp["s_per_step"],
+            }
+        )
     agreement = {}
     if engine:
         for other in ("unsloth", "engine-baseline"):
@@ -964,8 +1057,11 @@ def parent(args: argparse.Namespace) -> int:
 
     def run_child(arm: str, extra: list[str], timeout: float) -> dict[str, Any]:
         result_path = work / f"{arm}.json"
+        launcher = [sys.executable]
+        if arm == "engine-ddp":
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"]
         cmd = [
-            sys.executable,
+            *launcher,
             __file__,
             "--arm",
             arm,
@@ -1091,6 +1187,7 @@ def main() -> int:
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--deadline-s", type=float, default=560)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--gpus", type=int, default=2, help="processes for the engine-ddp arm")
     parser.add_argument("--arm", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)

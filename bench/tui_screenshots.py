@@ -27,6 +27,7 @@ async def shoot(workspace, out: Path, size: tuple[int, int]) -> list[Path]:
     written = []
     app = create_app(engine=engine_for(workspace))
     async with app.run_test(size=size) as pilot:
+        await wait_for(pilot, lambda: app.shell_ready)
         from tui.screens.chat import ChatView
         from tui.screens.dataset import DatasetView
         from tui.screens.export import ExportView

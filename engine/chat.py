@@ -11,9 +11,10 @@ JSON object per line on stdout (see engine.events). Requests:
     {"op": "quit"}                      stop and exit (so does closing stdin)
 
 A generate request streams token events and ends with one reply_done per slot: slot "adapter" (the model as
-loaded) always, preceded by slot "base" (adapter switched off) when compare is true and an adapter is loaded.
+loaded) always, preceded by slot "base" (the same base with the adapter switched off) when compare is true.
 The reply_done of slot "adapter" is therefore the last event of a request. A slot that cannot be answered
-gets a log event of level error and a reply_done with stop_reason "error".
+(no model loaded, a prompt too long, nothing to compare with) gets a log event and a reply_done with
+stop_reason "error"; a load that fails emits run_failed and the engine waits for the next load.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ MAX_NEW_TOKENS_LIMIT = 32_768
 DEFAULT_POLL_S = 2.0
 DEFAULT_GGUF_CONTEXT = 4096
 ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+# Only safetensors weights are loaded: pickled .bin files can run code.
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 MODEL_CONFIG_FILE = "config.json"
 
 
@@ -195,9 +197,9 @@ def parse_request(line: str, seq: int) -> GenerateRequest | Control:
             id=str(request_id),
             messages=_messages(data),
             system=system,
-            max_new_tokens=int(_whole_number(data, "max_new_tokens", 256, 1, MAX_NEW_TOKENS_LIMIT) or 256),
+            max_new_tokens=_whole_number(data, "max_new_tokens", 256, 1, MAX_NEW_TOKENS_LIMIT) or 256,
             temperature=_number(data, "temperature", 0.0, 0.0, 5.0),
-            top_p=_number(data, "top_p", 1.0, 0.0, 1.0) or 1.0,
+            top_p=_number(data, "top_p", 1.0, 0.01, 1.0),
             compare=compare,
             seed=_whole_number(data, "seed", None, 0, 2**32 - 1),
             seq=seq,
@@ -216,14 +218,14 @@ def parse_request(line: str, seq: int) -> GenerateRequest | Control:
     raise RequestError(f"unknown op {op!r}; use generate, stop, load or quit")
 
 
-def _request_id_of(line: str) -> str | None:
-    """The id of a generate line that failed validation, so its reply can still be closed."""
+def _failed_generate(line: str) -> tuple[str, bool] | None:
+    """The id and compare flag of a generate line that failed validation, so its reply can be closed."""
     try:
         data = json.loads(line)
     except json.JSONDecodeError:
         return None
     if isinstance(data, dict) and data.get("op") == "generate" and isinstance(data.get("id"), (str, int)):
-        return str(data["id"])
+        return str(data["id"]), data.get("compare") is True
     return None
 
 
@@ -231,15 +233,11 @@ def _request_id_of(line: str) -> str | None:
 
 
 def checkpoint_kind(path: Path) -> str | None:
-    """ "adapter" for a complete LoRA checkpoint, "full" for a whole model folder, None for anything else."""
+    """'adapter' for a complete LoRA checkpoint, 'full' for a whole model folder, None for anything else."""
     path = Path(path)
-    if (path / ADAPTER_CONFIG_FILE).is_file() and any(
-        (path / name).is_file() for name in ADAPTER_WEIGHT_FILES
-    ):
-        return "adapter"
-    if (path / MODEL_CONFIG_FILE).is_file() and (
-        any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
-    ):
+    if (path / ADAPTER_CONFIG_FILE).is_file():
+        return "adapter" if (path / ADAPTER_WEIGHTS_FILE).is_file() else None
+    if (path / MODEL_CONFIG_FILE).is_file() and any(path.glob("*.safetensors")):
         return "full"
     return None
 
@@ -264,6 +262,22 @@ def _run_recipe(run_dir: Path) -> Any:
     except EngineError as exc:
         log.warning("could not read %s: %s", path, exc)
         return None
+
+
+def _checkpoint_tokenizer(path: Path) -> Any:
+    """The tokenizer a checkpoint folder carries, completed as engine.modeling does; None if it has none."""
+    if not (Path(path) / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    from engine.template import DEFAULT_CHAT_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
 
 
 # Backends
@@ -304,6 +318,8 @@ class HFBackend:
             self.model = PeftModel.from_pretrained(self.model, str(path), is_trainable=False)
             self.model.eval()
             self._adapter_names = [self.model.active_adapter]
+            # The base tokenizer was a stand-in; the checkpoint's carries the template training used.
+            self.tokenizer = _checkpoint_tokenizer(path) or self.tokenizer
         else:
             new_name = f"ckpt_{time.monotonic_ns()}"
             self.model.load_adapter(str(path), adapter_name=new_name, is_trainable=False)
@@ -371,6 +387,8 @@ def _llama_cpp() -> Any:
 
 @dataclasses.dataclass
 class _GGUFResult:
+    """A finished llama.cpp reply, shaped like engine.generation.GenerationResult (which needs torch)."""
+
     text: str
     tokens: int
     tokens_per_s: float
@@ -593,6 +611,7 @@ class ChatEngine:
             self.backend = plan.load()
         except Exception as exc:
             log.exception("loading %s failed", what)
+            self.run_dir = None
             self._fail(_as_engine_error(exc, what))
             return False
         self.base = plan.base
@@ -719,10 +738,18 @@ class ChatEngine:
         self.emit(Log(message=f"Request {request_id}: {problem}", level="error"))
         self.emit(ReplyDone(request_id=request_id, stop_reason=STOP_ERROR, slot=slot))
 
+    def reject_request(self, request_id: str, problem: str, *, compare: bool) -> None:
+        """Close every slot of a request that cannot be served at all."""
+        if compare:
+            self.emit(ReplyDone(request_id=request_id, stop_reason=STOP_ERROR, slot=SLOT_BASE))
+        self.reject(request_id, problem)
+
     def generate(self, request: GenerateRequest) -> None:
         """Answer one request, streaming token events for each slot and closing each with reply_done."""
         if self.backend is None:
-            self.reject(request.id, "no model is loaded; send a load request first.")
+            self.reject_request(
+                request.id, "no model is loaded; send a load request first.", compare=request.compare
+            )
             return
         self.follow_run()
         backend = self.backend
@@ -786,9 +813,9 @@ class ChatEngine:
             try:
                 request = parse_request(line, seq)
             except RequestError as exc:
-                request_id = _request_id_of(line)
-                if request_id is not None:
-                    self.reject(request_id, f"malformed request: {exc}.")
+                failed = _failed_generate(line)
+                if failed is not None:
+                    self.reject_request(failed[0], f"malformed request: {exc}.", compare=failed[1])
                 else:
                     self.emit(Log(message=f"Malformed request line {seq}: {exc}.", level="error"))
                 continue
@@ -854,15 +881,19 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as exc:
         emit(RunFailed(title=exc.title, cause=exc.message, next_step=exc.next_step))
         return 2
-    engine = ChatEngine(emit, workspace, poll_s=args.poll)
+    engine = ChatEngine(emit, workspace, poll_s=max(0.05, args.poll))
     reader = threading.Thread(target=engine.read_requests, args=(iter(sys.stdin.readline, ""),), daemon=True)
     reader.start()
-    if args.base or args.adapter or args.run or args.gguf:
-        engine.load(
-            LoadSpec(base=args.base, adapter=args.adapter, run=args.run, gguf=args.gguf, device=args.device)
-        )
     try:
+        if args.base or args.adapter or args.run or args.gguf:
+            spec = LoadSpec(
+                base=args.base, adapter=args.adapter, run=args.run, gguf=args.gguf, device=args.device
+            )
+            engine.load(spec)
         engine.serve()
+    except KeyboardInterrupt:
+        # Run by hand in a terminal, Ctrl-C ends the engine quietly; clients send {"op": "stop"} instead.
+        return 130
     finally:
         engine.close()
     return 0

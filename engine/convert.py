@@ -428,6 +428,7 @@ class GgufInfo:
     tensor_types: dict[str, int] = dataclasses.field(default_factory=dict)
     n_tensors: int = 0
     size_bytes: int = 0
+    context_length: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for report.json (the template is long; its first line is enough to recognise it)."""
@@ -490,6 +491,8 @@ def read_gguf(path: Path) -> GgufInfo:
             counts[name] = counts.get(name, 0) + 1
     info.tensor_types = dict(sorted(counts.items(), key=lambda item: -item[1]))
     info.n_tensors = len(reader.tensors)
+    context = _field_value(reader, f"{info.architecture}.context_length")
+    info.context_length = int(context) if context is not None else 0
     return info
 
 

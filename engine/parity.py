@@ -145,6 +145,14 @@ def adapter_answers(
     return answers, budget
 
 
+def context_size(path: Path, limit: int = 2048) -> int:
+    """The context to give llama.cpp: the model's trained length, at most `limit` (answers here are short)."""
+    from engine.convert import read_gguf
+
+    trained = read_gguf(path).context_length
+    return min(limit, trained) if trained > 0 else limit
+
+
 def gguf_answers(
     path: Path,
     questions: list[ParityQuestion],
@@ -162,7 +170,7 @@ def gguf_answers(
     try:
         llm = llama_cpp.Llama(
             model_path=str(path),
-            n_ctx=2048,
+            n_ctx=context_size(path),
             n_threads=threads or os.cpu_count() or 1,
             seed=0,
             verbose=False,
@@ -231,7 +239,9 @@ def run_parity(
         infos[kind]["size_bytes"] = path.stat().st_size
         infos[kind]["file"] = path.name
         done += len(questions)
-    return summarise(questions, reference, per_file, infos, budget)
+    summary = summarise(questions, reference, per_file, infos, budget)
+    summary["reference_model"] = f"base in {plan.merge_dtype} + adapter, unmerged (as chat serves it)"
+    return summary
 
 
 def _rate(values: list[bool]) -> float | None:
@@ -352,7 +362,9 @@ def report_markdown(report: dict[str, Any]) -> str:
             "",
             f"{parity['questions']} questions ({split_counts}),"
             f" at most {parity['max_new_tokens']} new tokens; agreement = difflib ratio ≥ "
-            f"{parity['agreement_threshold']} with the adapter's answer.",
+            f"{parity['agreement_threshold']} with the adapter's answer. Adapter: "
+            f"{parity.get('reference_model', 'base + adapter')}; GGUF: llama.cpp chat completion with the "
+            "GGUF's own chat template; tok/s includes prompt processing.",
             "",
         ]
         header = ["file"] + [f"agrees ({s})" for s in splits] + ["vs reference", "runaway", "tok/s", "size"]

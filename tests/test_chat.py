@@ -398,6 +398,10 @@ def test_bad_lines_are_logged_and_generate_without_a_model_is_closed(light_engin
     reply = light_engine.generate("hello")
     assert reply.done["adapter"].stop_reason == "error"
     assert any(isinstance(e, Log) and "no model is loaded" in e.message for e in reply.others)
+    # Both slots of a compare request are closed, so a two-pane client never waits forever.
+    reply = light_engine.generate("hello", compare=True)
+    assert list(reply.done) == ["base", "adapter"]
+    assert {done.stop_reason for done in reply.done.values()} == {"error"}
 
 
 def test_a_failed_load_explains_itself_and_the_engine_stays_up(

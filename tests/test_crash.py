@@ -16,15 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from crashkit.harness import (
-    Zygote,
-    checkpoint_problems,
-    events_problems,
-    gguf_problems,
-    leftover_problems,
-    tree_digest,
-)
-from engine.dataset import QAPair, dumps_pairs, load_pairs, save_pairs
+pytest.register_assert_rewrite("crashkit")
+
+from crashkit.fixtures import CHAIN_TRIALS  # noqa: E402
+from crashkit.harness import KillChain, Zygote, gguf_problems, leftover_problems  # noqa: E402
+from crashkit.plugin import Trials, family  # noqa: E402
+from engine.dataset import QAPair, dumps_pairs, load_pairs, save_pairs  # noqa: E402
 
 pytest_plugins = ["crashkit.plugin", "crashkit.fixtures"]
 
@@ -37,9 +34,9 @@ def _pairs(count: int, tag: str) -> list[QAPair]:
     return [QAPair(f"{tag} question {i}: what is {i} squared?", f"{tag} answer: {i * i}. " * 12) for i in range(count)]
 
 
-@pytest.mark.reliability("crash-dataset")
+@family("crash-dataset")
 def test_sigkill_during_dataset_save_leaves_the_old_or_the_new_file(
-    tmp_path: Path, light_zygote: Zygote, trials
+    tmp_path: Path, light_zygote: Zygote, trials: Trials
 ) -> None:
     folder = tmp_path / "datasets"
     folder.mkdir()
@@ -76,3 +73,100 @@ def test_sigkill_during_dataset_save_leaves_the_old_or_the_new_file(
     assert not [outcome for outcome in outcomes if outcome[3]], "only temp names may be left beside the dataset"
     assert sum(killed for _, killed, _, _ in outcomes) >= DATASET_TRIALS - 2, outcomes
     assert {found for _, _, found, _ in outcomes} == {"old", "new"}, "kills landed before and after a rename"
+
+
+@family("crash-checkpoint")
+def test_sigkill_during_checkpoint_writes_leaves_only_complete_checkpoints(
+    kill_chain_run: KillChain, trials: Trials
+) -> None:
+    chain = kill_chain_run
+    for trial in chain.trials:
+        trials.case()
+        if trial.lost:
+            trials.lost()
+    assert [trial.lost for trial in chain.trials if trial.lost] == [], "an earlier checkpoint or run file changed"
+    assert [(trial.kill, trial.problems) for trial in chain.trials if trial.problems] == []
+    assert all(trial.killed for trial in chain.trials), [trial.kill for trial in chain.trials if not trial.killed]
+    assert len(chain.trials) == CHAIN_TRIALS
+    progress = [len(trial.checkpoints_after) for trial in chain.trials]
+    assert progress == sorted(progress) and progress[-1] >= 4, f"the chain made no progress: {progress}"
+    assert sum(trial.resumed for trial in chain.trials) >= CHAIN_TRIALS - 2, "most attempts resumed a checkpoint"
+
+
+EXPORT_TRIALS = 12
+EXPORT_QUANTS = "q4_0,q8_0"
+
+
+def export_problems(export_dir: Path) -> list[str]:
+    """What in an export folder looks finished but is not: a GGUF that does not load as its type, a merged/ folder
+    missing a file or holding unreadable weights, a Modelfile or report naming a missing file."""
+    from safetensors import safe_open
+
+    from engine.atomic import is_partial
+    from engine.export import LOG_NAMES, MERGED_DIR, MODELFILE, REPORT_JSON, REPORT_MD
+
+    problems = []
+    for entry in sorted(export_dir.iterdir()):
+        name = entry.name
+        if name in LOG_NAMES or is_partial(entry):
+            continue
+        if name.endswith(".gguf"):
+            problems += gguf_problems(entry)
+        elif name == MERGED_DIR:
+            present = {path.name for path in entry.iterdir()}
+            needed = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                      "chat_template.jinja"}
+            problems += [f"merged/ lacks {missing}" for missing in sorted(needed - present)]
+            if "model.safetensors" in present:
+                try:
+                    with safe_open(str(entry / "model.safetensors"), framework="pt") as weights:
+                        for key in weights.keys():
+                            weights.get_tensor(key)
+                    json.loads((entry / "config.json").read_text())
+                except Exception as exc:  # noqa: BLE001 - unreadable means damaged
+                    problems.append(f"merged/ does not load: {exc}")
+        elif name == MODELFILE:
+            target = re.search(r"^FROM \./(\S+)$", entry.read_text(), re.MULTILINE)
+            if target is None or not (export_dir / target.group(1)).is_file():
+                problems.append("the Modelfile names a GGUF that is not there")
+        elif name == REPORT_JSON:
+            report = json.loads(entry.read_text())
+            files = [check["file"] for check in report.get("files", {}).values()]
+            problems += [f"report.json names missing {file}" for file in files if not (export_dir / file).is_file()]
+        elif name != REPORT_MD:
+            problems.append(f"unexpected {name}")
+    return problems
+
+
+@family("crash-export")
+def test_sigkill_during_export_leaves_nothing_half_written_under_a_final_name(
+    tiny_run_dir: Path, tmp_path: Path, ml_zygote: Zygote, trials: Trials
+) -> None:
+    from engine.export import REPORT_JSON, partial_files
+
+    out = tmp_path / "export"
+    argv = ["--run-dir", str(tiny_run_dir), "--out", str(out), "--no-parity", "--quant", EXPORT_QUANTS, "--force"]
+    dry = ml_zygote.trial("engine.export:main", argv, watch=out)
+    assert dry.code == 0 and (out / REPORT_JSON).is_file(), dry
+    assert export_problems(out) == []
+    rng = random.Random(SEED + 1)
+    outcomes = []
+    for trial in range(EXPORT_TRIALS):
+        # Kill points spread evenly over the dry run's writes (stratified), and over its duration.
+        stratum = dry.writes / (EXPORT_TRIALS // 2)
+        if trial % 2 == 0:
+            kill = {"kill_at_event": 1 + int(stratum * (trial // 2) + rng.uniform(0, stratum))}
+        else:
+            kill = {"kill_after_s": round(rng.uniform(0, dry.seconds - (dry.first_write_s or 0)), 3)}
+        result = ml_zygote.trial("engine.export:main", argv, watch=out, **kill)
+        trials.case()
+        problems = export_problems(out)
+        finished = (out / REPORT_JSON).is_file()
+        outcomes.append((kill, result.killed, finished, sorted(p.name for p in out.iterdir()), problems))
+        if problems:
+            trials.lost()
+    assert [(kill, problems) for kill, _, _, _, problems in outcomes if problems] == []
+    assert all(killed for _, killed, _, _, _ in outcomes), outcomes
+    # The next export after all those kills finishes and clears what the killed ones left.
+    final = ml_zygote.trial("engine.export:main", argv, watch=out)
+    assert final.code == 0 and export_problems(out) == [] and partial_files(out) == []

@@ -272,3 +272,64 @@ def test_cli_export_waits_prints_folder_and_refuses_a_second_export(
     again = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=REPO_ROOT, timeout=600)
     assert again.returncode == 2
     assert "already exported" in again.stderr and "--force" in again.stderr
+
+
+QLORA_RECIPE = """\
+name = "tiny-qlora"
+
+[model]
+base = "{model}"
+dtype = "float32"
+
+[data]
+dataset = "tiny_qa.jsonl"
+max_length = 128
+
+[train]
+method = "qlora"
+epochs = 60
+batch_size = 6
+learning_rate = 5e-3
+lr_scheduler = "constant"
+save_steps = 60
+device = "cpu"
+seed = 0
+
+[lora]
+r = 8
+alpha = 16
+dropout = 0.0
+target_modules = "all-linear"
+"""
+
+
+@pytest.mark.slow
+def test_qlora_run_merges_into_a_16bit_reload_of_the_base(
+    tiny_model_dir: Path, tiny_qa_path: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from safetensors import safe_open
+
+    from engine.export import ExportOptions, run_export
+    from engine.launch import start_run, wait_run
+    from engine.workspace import Workspace
+
+    workspace = Workspace.init(tmp_path / "workspace")
+    shutil.copyfile(tiny_qa_path, workspace.datasets_dir / "tiny_qa.jsonl")
+    recipe = workspace.root / "recipes" / "tiny-qlora.toml"
+    recipe.parent.mkdir()
+    recipe.write_text(QLORA_RECIPE.format(model=tiny_model_dir))
+    run_dir = workspace.runs_dir / start_run(workspace, recipe)
+    summary = wait_run(run_dir, timeout=900)
+    assert summary.status == "finished", f"{summary.cause} {summary.next_step}"
+    outputs = run_export(ExportOptions(run_dir=run_dir, parity_questions=6))
+    merged = Path(outputs["merged"])
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    with safe_open(str(merged / "model.safetensors"), "pt") as handle:
+        names = list(handle.keys())
+        assert not [n for n in names if n.endswith((".absmax", ".quant_map")) or "quant_state" in n]
+        assert str(handle.get_tensor(names[0]).dtype) == "torch.float16"
+    report = json.loads(Path(outputs["report_json"]).read_text())
+    assert report["method"] == "qlora" and report["merge_dtype"] in ("float32", "bfloat16")
+    assert report["parity"]["files"]["q8_0"]["agreement"] >= 0.9

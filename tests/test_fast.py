@@ -179,3 +179,23 @@ def test_apply_gpu_speedups_declines_cpu_models():
 
     assert fast.apply_gpu_speedups(model, Recipe()) is None
     assert fast.unsupported_reason(model) is None
+
+
+def test_trainer_style_steps_survive_model_zero_grad():
+    examples = _examples(5, seed=7)
+    reference = _tiny_lora_model(seed=5)
+    _reference_loss(reference, examples).backward()
+    expected = {n: p.grad.clone() for n, p in reference.named_parameters() if p.requires_grad}
+
+    model = _tiny_lora_model(seed=5)
+    runner = fast.PackedCausalLM(model, fast.FastOptions(max_tokens=32))
+    features = [{"input_ids": ids, "labels": labels} for ids, labels in examples]
+    collated = fast.PackedCollator()(features)
+    assert len(collated["shift_labels"]) == sum(1 for _, labels in examples for x in labels[1:] if x != -100)
+    for _ in range(2):  # the second round must not add onto the first round's gradients
+        model.zero_grad()  # what transformers' Trainer does after each optimizer step
+        runner.backward_examples(collated["packed_examples"], num_items=len(collated["shift_labels"]))
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(param.grad, expected[name], rtol=1e-4, atol=1e-6), name
+    assert torch.equal(runner.flat.param.grad, torch.cat([p.grad.reshape(-1) for p in runner.trainable]))

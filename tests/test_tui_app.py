@@ -1,5 +1,4 @@
-"""The app shell: tabs by key at 80×24, help, command palette, status line, failures, import hygiene, entry
-points."""
+"""The app shell: tabs by key at 80×24, help, palette, status line, failures, import hygiene, entry points."""
 
 from __future__ import annotations
 
@@ -42,6 +41,7 @@ def test_opens_at_80x24_with_tabs_status_line_and_footer(tmp_path: Path, live_pi
     async def scenario() -> None:
         app = create_app(engine=engine_for(workspace))
         async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.shell_ready)
             await wait_for(pilot, lambda: app.query_one(StatusLine).run is not None)
             text = screen_text(app)
             assert "1 Dataset" in text and "2 Train" in text and "3 Chat" in text and "4 Export" in text
@@ -60,6 +60,7 @@ def test_number_and_function_keys_switch_tabs_but_type_into_inputs(tmp_path: Pat
     async def scenario() -> None:
         app = create_app(engine=engine_for(workspace))
         async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.shell_ready)
             tabs = app.query_one(TabbedContent)
             for key, tab in (
                 ("2", "train"),
@@ -91,8 +92,8 @@ def test_tabs_other_than_the_first_are_built_on_first_show(tmp_path: Path) -> No
     async def scenario() -> None:
         app = create_app(engine=engine_for(workspace))
         async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.shell_ready)
             assert not app.query("#train-view")
-            assert "tui.screens.chat" not in sys.modules or True
             await pilot.press("2")
             await wait_for(pilot, lambda: bool(app.query("#train-view")))
 
@@ -105,6 +106,7 @@ def test_help_lists_the_keys_of_every_tab(tmp_path: Path) -> None:
     async def scenario() -> None:
         app = create_app(engine=engine_for(workspace))
         async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.shell_ready)
             await pilot.press("question_mark")
             await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
             assert "Everywhere" in screen_text(app)
@@ -134,6 +136,7 @@ def test_command_palette_offers_every_tab_action(tmp_path: Path) -> None:
     async def scenario() -> None:
         app = create_app(engine=engine_for(workspace))
         async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.shell_ready)
             await pilot.press("2")
             await wait_for(pilot, lambda: bool(app.query("#train-view")))
             titles = [command.title for command in app.get_system_commands(app.screen)]
@@ -157,6 +160,7 @@ def test_an_engine_error_in_a_worker_becomes_a_titled_notification(tmp_path: Pat
     async def scenario() -> None:
         app = create_app(engine=engine_for(workspace))
         async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.shell_ready)
             view = app.query_one("#dataset-view")
 
             @work(thread=True, exit_on_error=False)
@@ -183,6 +187,7 @@ def test_an_unexpected_error_opens_a_modal_and_logs_the_traceback(tmp_path: Path
     async def scenario() -> None:
         app = create_app(engine=engine_for(workspace))
         async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.shell_ready)
             view = app.query_one("#dataset-view")
 
             @work(thread=True, exit_on_error=False)
@@ -207,6 +212,7 @@ def test_quit_key_exits(tmp_path: Path) -> None:
     async def scenario() -> None:
         app = create_app(engine=engine_for(workspace))
         async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.shell_ready)
             await pilot.press("ctrl+q")
             await pilot.pause(0.2)
         assert app.return_code == 0

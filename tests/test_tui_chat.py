@@ -1,5 +1,4 @@
-"""The Chat tab against a fake chat engine that speaks the real protocol: streaming, stop, compare, swaps,
-failures."""
+"""The Chat tab on a fake chat engine speaking the real protocol: stream, stop, compare, swaps, failures."""
 
 from __future__ import annotations
 
@@ -47,6 +46,7 @@ def run_chat(
     async def main() -> None:
         app = create_app(engine=engine_for(workspace), initial_tab="chat")
         async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.shell_ready)
             view = app.query_one(ChatView)
             await scenario(app, pilot, view)
             await app.action_quit()
@@ -192,6 +192,7 @@ def test_chat_with_run_from_the_train_tab(workspace: Workspace) -> None:
     async def main() -> None:
         app = create_app(engine=engine_for(workspace), initial_tab="train")
         async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.shell_ready)
             train = app.query_one(TrainView)
             await wait_for(pilot, lambda: train.opened is not None)
             await pilot.press("c")
@@ -216,3 +217,22 @@ def test_quitting_ends_the_chat_engine(workspace: Workspace) -> None:
     process = seen[0]
     assert process.returncode is not None
     assert subprocess.run(["kill", "-0", str(process.pid)], capture_output=True).returncode != 0
+
+
+def test_an_engine_that_cannot_start_is_reported_and_the_question_is_not_lost(workspace: Workspace) -> None:
+    async def main() -> None:
+        engine = engine_for(workspace)
+        engine.module_commands["engine.chat"] = [str(workspace.root / "no-such-python")]
+        app = create_app(engine=engine, initial_tab="chat")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.shell_ready)
+            view = app.query_one(ChatView)
+            await ask(pilot, "Hello?")
+            await wait_for(pilot, lambda: view.state == "stopped")
+            notification = list(app._notifications)[-1]
+            assert notification.title == "Chat engine stopped"
+            assert "could not be started" in notification.message
+            assert view.active_request is None and view.pending is None
+            assert view.history[0] == {"role": "user", "content": "Hello?"}
+
+    asyncio.run(main())

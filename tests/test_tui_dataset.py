@@ -42,6 +42,7 @@ def run(workspace: Workspace, scenario) -> None:
     async def main() -> None:
         app = create_app(engine=engine_for(workspace))
         async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.shell_ready)
             view = app.query_one(DatasetView)
             await wait_for(
                 pilot, lambda: view.document is not None and view.lint_version == view.document.version

@@ -1,4 +1,4 @@
-"""The Export tab against a fake export engine: per-stage progress, written files, failures with their cause."""
+"""The Export tab on a fake export engine: per-stage progress, written files, failures with their cause."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def run_export(workspace: Workspace, scenario) -> None:
     async def main() -> None:
         app = create_app(engine=engine_for(workspace), initial_tab="export")
         async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.shell_ready)
             await scenario(app, pilot, app.query_one(ExportView))
             await app.action_quit()
 
@@ -83,6 +84,7 @@ def test_export_from_the_train_tab_preselects_the_run(workspace: Workspace) -> N
     async def main() -> None:
         app = create_app(engine=engine_for(workspace), initial_tab="train")
         async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.shell_ready)
             train = app.query_one(TrainView)
             await wait_for(pilot, lambda: train.opened is not None and train.opened.run_id == FAILED)
             await pilot.press("e")

@@ -1,4 +1,4 @@
-"""The TUI over the real engine processes on the tiny model: train from the form, watch events arrive, chat."""
+"""The TUI over real engine processes on the tiny model: train from the form, watch events arrive, chat."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def test_train_from_the_form_then_chat_through_the_adapter(tiny_workspace: Works
     async def main() -> None:
         app = create_app(engine=EngineClient(tiny_workspace), initial_tab="train")
         async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.shell_ready)
             train = app.query_one(TrainView)
             await pilot.press("n")
             await wait_for(pilot, lambda: isinstance(app.screen, NewRunScreen))

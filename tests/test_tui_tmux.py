@@ -1,4 +1,4 @@
-"""A real terminal (tmux at 80×24): open, edit a row, start a run, quit, reopen, see the same run still going."""
+"""A real terminal (tmux, 80×24): open, edit a row, start a run, quit, reopen, see the run still going."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The Train tab on recorded and fake runs: honest statuses, replay then tail, the new-run form, stop and
-resume."""
+"""The Train tab on recorded and fake runs: honest statuses, replay then tail, new-run form, stop, resume."""
 
 from __future__ import annotations
 
@@ -58,6 +57,7 @@ def run_app(workspace: Workspace, scenario, launcher: object | None = None) -> N
     async def main() -> None:
         app = create_app(engine=engine_for(workspace, launcher), initial_tab="train")
         async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.shell_ready)
             view = app.query_one(TrainView)
             await wait_for(pilot, lambda: view.opened is not None)
             await scenario(app, pilot, view)

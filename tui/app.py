@@ -1,6 +1,7 @@
 """The tunedeck Textual app: four tabs over the engine; this module only routes keys, tabs and failures.
 
-Run it with `tunedeck`, `python -m tui` or `python -m tui.app` (the form `textual serve "python -m tui.app"` needs).
+Run it with `tunedeck`, `python -m tui` or `python -m tui.app` (the form that
+`textual serve "python -m tui.app"` needs).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class TunedeckApp(App[None]):
         self.engine = engine
         self.prefs = Prefs(engine.state_dir)
         self.initial_tab = initial_tab
+        self.shell_ready = False
         self.sub_title = str(engine.workspace.root)
 
     @property
@@ -80,9 +82,15 @@ class TunedeckApp(App[None]):
         yield StatusLine(id="status-line")
         yield Footer(compact=True)
 
-    async def on_mount(self) -> None:
+    def on_mount(self) -> None:
         self.query_one(StatusLine).workspace = self.workspace.root
-        (await self.view(self.initial_tab)).focus_default()
+        # The shell paints first; the tab's own widgets (and their imports) follow right after that frame.
+        self.call_after_refresh(self._open_first_tab)
+
+    async def _open_first_tab(self) -> None:
+        tab_id = self.query_one(TabbedContent).active or self.initial_tab
+        (await self.view(tab_id)).focus_default()
+        self.shell_ready = True
 
     # Tabs
     # ------------------------------------------------------------------------------------------------------
@@ -113,7 +121,7 @@ class TunedeckApp(App[None]):
 
     @on(TabbedContent.TabActivated)
     async def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
-        if event.pane.id is None:
+        if event.pane.id is None or not self.shell_ready:
             return
         view = await self.view(event.pane.id)
         view.focus_default()

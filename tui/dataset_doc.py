@@ -1,8 +1,7 @@
-"""An open dataset file with undo/redo and crash-safe autosave, kept apart from widgets so tests drive it
-directly.
+"""An open dataset file with undo/redo and crash-safe autosave, apart from widgets so tests drive it directly.
 
-Every committed change bumps `version`; `save()` writes the newest version atomically (engine.dataset.save_pairs),
-so a crash loses at most the row being typed and never leaves a half-written file.
+Every committed change bumps `version`; `save()` writes the newest version atomically (engine.dataset's
+save_pairs), so a crash loses at most the row being typed and never leaves a half-written file.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ UNDO_LIMIT = 200
 
 @dataclasses.dataclass(frozen=True)
 class Change:
-    """One undoable step: the whole list before and after (pairs are small; this keeps undo obviously right)."""
+    """One undoable step: the whole list before and after (small, and it keeps undo obviously right)."""
 
     label: str
     before: tuple[QAPair, ...]
@@ -160,7 +159,7 @@ class DatasetDocument:
     def save(self, version: int, pairs: list[QAPair]) -> bool:
         """Write `pairs` (as of `version`) unless a newer version was written already; True if it wrote.
 
-        Raises DatasetError when the file changed on disk meanwhile or still has unreadable lines not set aside,
+        Raises DatasetError when the file changed on disk meanwhile or has unreadable lines not set aside,
         so an autosave never destroys work it did not load.
         """
         with self._save_lock:
@@ -175,7 +174,7 @@ class DatasetDocument:
                 raise DatasetError(
                     f"{self.name} was changed by another program, so your edit was not saved over it.",
                     title="Dataset changed on disk",
-                    next_step="Press r in the Dataset tab to reload it (your unsaved edit is then lost) or copy it first.",
+                    next_step="Press r in the Dataset tab to reload it (your unsaved edit is then lost).",
                 )
             save_pairs(self.path, pairs)
             self._disk_stamp = _file_stamp(self.path)

@@ -1,8 +1,7 @@
-"""The TUI's one door to the engine: pure engine modules in-process, the ML stack only as `python -m
-engine.*`.
+"""The TUI's one door to the engine: pure engine modules in-process, the ML stack only as subprocesses.
 
-Tests swap the subprocess commands (`module_commands`) and the launcher for fakes that speak the same protocol,
-so every tab can be driven without torch.
+Tests swap the subprocess commands (`module_commands`) and the launcher for fakes that speak the same
+protocol, so every tab can be driven without torch.
 """
 
 from __future__ import annotations
@@ -18,12 +17,14 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import EngineError
 from engine.events import Event, parse_event
 from engine.workspace import RUN_RECIPE_FILE, Workspace
-from tui.run_state import RunsIndex
+
+if TYPE_CHECKING:
+    pass
 
 DEMO_MODEL = "demo"
 TUI_STATE_DIR = ".tunedeck"
@@ -69,7 +70,7 @@ class EngineClient:
         self.module_commands = dict(module_commands or {})
         self._launcher = launcher
         self._renderers: dict[str, Any] = {}
-        self.runs = RunsIndex(workspace.runs_dir)
+        self._runs: Any = None
 
     # Folders
     # ---------------------------------------------------------------------------------------------------
@@ -165,7 +166,7 @@ class EngineClient:
         return str(self.launcher.start_run(self.workspace, Path(recipe_path), list(overrides)))
 
     def resume_run(self, run_id: str) -> str:
-        """Resume an interrupted or stopped run from its newest checkpoint; returns the run id that continues."""
+        """Resume an interrupted or stopped run from its newest checkpoint; returns the run id."""
         result = self.launcher.resume_run(self.workspace, run_id)
         return str(result or run_id)
 
@@ -247,7 +248,8 @@ class EngineProcess:
 
     async def _drain_stderr(self) -> None:
         # Reading stderr continuously keeps the pipe from filling (which would freeze the engine).
-        assert self.process is not None and self.process.stderr is not None
+        if self.process is None or self.process.stderr is None:
+            return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a", encoding="utf-8") as log:
             while line := await self.process.stderr.readline():
@@ -275,7 +277,8 @@ class EngineProcess:
 
     async def events(self) -> AsyncIterator[Event]:
         """Events from stdout until the process closes it; unknown or malformed lines are skipped."""
-        assert self.process is not None and self.process.stdout is not None
+        if self.process is None or self.process.stdout is None:
+            return
         while line := await self.process.stdout.readline():
             event = parse_event(line.decode("utf-8", errors="replace"))
             if event is not None:
@@ -283,7 +286,8 @@ class EngineProcess:
 
     async def wait(self) -> int:
         """The exit code, once the process and its stderr reader are done."""
-        assert self.process is not None
+        if self.process is None:
+            return -1
         code = await self.process.wait()
         if self._stderr_task is not None:
             with contextlib.suppress(asyncio.CancelledError):

@@ -31,7 +31,7 @@ class RunLaunched(Message):
 
 
 class RunsChanged(Message, bubble=False):
-    """Sent by the app to each tab after a launch (the Train tab opens the run, others refresh their lists)."""
+    """Sent by the app to each tab after a launch (Train opens the run, the others refresh their lists)."""
 
     def __init__(self, run_id: str) -> None:
         super().__init__()

@@ -1,7 +1,8 @@
-"""Per-workspace TUI preferences (last dataset, tokenizer, chat settings), so reopening lands where you left."""
+"""Per-workspace TUI preferences (last dataset, tokenizer, chat settings): reopening lands where you left."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ PREFS_FILE = "tui.json"
 
 
 class Prefs:
-    """A small JSON dict in the workspace's .tunedeck folder; unreadable files are ignored, writes are atomic."""
+    """A JSON dict in the workspace's .tunedeck folder; an unreadable file is ignored, writes are atomic."""
 
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / PREFS_FILE
@@ -34,8 +35,6 @@ class Prefs:
         if all(self.data.get(key) == value for key, value in values.items()):
             return
         self.data.update(values)
-        try:
+        # Preferences are a convenience; a read-only workspace must still be usable.
+        with contextlib.suppress(EngineError):
             atomic_write_text(self.path, json.dumps(self.data, indent=2, ensure_ascii=False) + "\n")
-        except EngineError:
-            # Preferences are a convenience; a read-only workspace must still be usable.
-            pass

@@ -293,7 +293,9 @@ class RunState:
             is_alive = pid_alive(pid) if alive is None else alive
             if not is_alive:
                 status = "interrupted"
-                next_step = "The training process ended without a final event; press r to resume from the last checkpoint."
+                next_step = (
+                    "The trainer ended without a final event; press r to resume from the newest checkpoint."
+                )
         elif status == "new":
             status, pid = self._starting_status(pid)
         known = {f.name for f in dataclasses.fields(RunSnapshot)}
@@ -341,7 +343,7 @@ class RunFollower:
 
 
 class RunsIndex:
-    """Followers of every run folder in a workspace, discovered by listing runs/ (new folders appear on poll)."""
+    """Followers of every run folder in a workspace, found by listing runs/ (new folders appear on poll)."""
 
     def __init__(self, runs_dir: Path) -> None:
         self.runs_dir = Path(runs_dir)
@@ -371,7 +373,7 @@ class RunsIndex:
 
 
 def short_run_label(run_id: str) -> str:
-    """`11-23 13:15 demo-cpu` for an id like `20261123-131500-demo-cpu` (other ids are returned as they are)."""
+    """`11-23 13:15 demo-cpu` for an id like `20261123-131500-demo-cpu` (other ids come back unchanged)."""
     match = re.fullmatch(r"\d{4}(\d{2})(\d{2})-(\d{2})(\d{2})\d{2}-(.+)", run_id)
     if match is None:
         return run_id
@@ -383,7 +385,7 @@ def format_duration(seconds: float | None) -> str:
     """`1h02m`, `4m05s` or `12s`; an em dash when unknown."""
     if seconds is None or seconds != seconds or seconds < 0:
         return "—"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:

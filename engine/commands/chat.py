@@ -108,6 +108,8 @@ class EngineProcess:
             encoding="utf-8",
             bufsize=1,
             env=env,
+            # Its own session: Ctrl-C reaches only this REPL, which turns it into a stop request.
+            start_new_session=True,
         )
         self.events: queue.Queue[Event | None] = queue.Queue()
         threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
@@ -140,8 +142,8 @@ class EngineProcess:
             next_step=f"See its log: {self.log_file.name}",
         )
 
-    def close(self) -> None:
-        """Ask the engine to quit and wait for it; kill it if it does not go."""
+    def close(self, *, keep_log: bool) -> None:
+        """Ask the engine to quit and wait for it (killing it if it does not go); drop its log unless kept."""
         self.send({"op": "quit"})
         with contextlib.suppress(OSError):
             self.process.stdin.close()
@@ -151,6 +153,8 @@ class EngineProcess:
             self.process.kill()
             self.process.wait()
         self.log_file.close()
+        if not keep_log:
+            Path(self.log_file.name).unlink(missing_ok=True)
 
 
 def _say(text: str) -> None:
@@ -174,7 +178,8 @@ def wait_until_ready(engine: EngineProcess) -> ChatReady:
         if isinstance(event, ChatReady):
             return event
         if isinstance(event, RunFailed):
-            raise ChatClientError(event.cause, title=event.title, next_step=event.next_step)
+            log_note = f" (engine log: {engine.log_file.name})"
+            raise ChatClientError(event.cause, title=event.title, next_step=event.next_step + log_note)
         if isinstance(event, Log):
             _say(f"[{event.message}]" if event.level == "info" else f"[{event.level}] {event.message}")
 
@@ -301,11 +306,13 @@ def run(args: argparse.Namespace) -> int:
             next_step=f"Pass a run folder, or --workspace DIR (a folder with {MARKER_FILE}).",
         )
     engine = EngineProcess(engine_command(args, workspace))
+    failed = True
     try:
         ready = wait_until_ready(engine)
         adapter = f" + {ready.adapter}" if ready.adapter else ""
         _say(f"[chatting with {ready.model}{adapter} ({ready.backend}); /help lists commands]")
         repl(engine, args, sys.stdin)
+        failed = False
     finally:
-        engine.close()
+        engine.close(keep_log=failed)
     return 0

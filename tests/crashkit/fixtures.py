@@ -36,8 +36,8 @@ def light_zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zygote]:
 CHAIN_SEED = 20261124
 CHAIN_TRIALS = 12
 CHAIN_MAX_STEPS = 80
-CHAIN_MAX_EVENT = 30  # writes under the run folder: a kill within about the first two checkpoint saves
-CHAIN_MAX_DELAY_S = 1.2
+CHAIN_WRITES_PER_SAVE = 14  # writes under the run folder per checkpoint save and step (counted in a dry run)
+CHAIN_SAVE_S = 0.15  # one step plus its checkpoint save on an idle 2-core machine
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +69,6 @@ def kill_chain_run(ml_zygote: Zygote, reliability_workspace: Workspace) -> KillC
         run_dir,
         CHAIN_SEED,
         CHAIN_TRIALS,
-        max_event=CHAIN_MAX_EVENT,
-        max_delay_s=CHAIN_MAX_DELAY_S,
+        writes_per_save=CHAIN_WRITES_PER_SAVE,
+        save_s=CHAIN_SAVE_S,
     )

@@ -10,6 +10,7 @@ import random
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ class Zygote:
         watch: Path | None = None,
         kill_at_event: int | None = None,
         kill_after_s: float | None = None,
+        arm_on: str | None = None,
         env: dict[str, str] | None = None,
         unset: tuple[str, ...] = (),
         stdout: Path | None = None,
@@ -80,6 +82,7 @@ class Zygote:
             "watch": str(watch) if watch else None,
             "kill_at_event": kill_at_event,
             "kill_after_s": kill_after_s,
+            "arm_on": arm_on,
             "env": env or {},
             "unset": list(unset),
             "stdout": str(stdout) if stdout else None,
@@ -190,7 +193,13 @@ def checkpoint_problems(checkpoint: Path) -> list[str]:
             for key in weights.keys():
                 weights.get_tensor(key)
         for file in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
-            torch.load(checkpoint / file, weights_only=True)
+            # torch.save writes a zip: every member's CRC must check out (rng_state holds numpy objects, which a
+            # weights-only load refuses without an allow-list, so the archive is checked instead).
+            with zipfile.ZipFile(checkpoint / file) as archive:
+                damaged = archive.testzip()
+            if damaged is not None:
+                problems.append(f"{name}/{file} member {damaged} is damaged")
+        torch.load(checkpoint / "optimizer.pt", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read means the checkpoint is damaged
         problems.append(f"{name} does not load: {type(exc).__name__}: {str(exc)[:200]}")
     return problems
@@ -272,11 +281,19 @@ def run_problems(run_dir: Path, digests: dict[str, str]) -> tuple[list[str], lis
     return problems, lost
 
 
+# Counting kill points from the commit of the attempt's first checkpoint guarantees progress on any machine.
+FIRST_COMMIT = r".*/checkpoints/step_\d+"
+
+
 def kill_chain(
-    zygote: Zygote, run_dir: Path, seed: int, count: int, *, max_event: int, max_delay_s: float
+    zygote: Zygote, run_dir: Path, seed: int, count: int, *, writes_per_save: int, save_s: float
 ) -> KillChain:
-    """Train `run_dir` in `count` attempts, each SIGKILLed (alternately before a seeded k-th write under the run
-    folder, or a seeded delay after its first checkpoint-folder write) and each resuming the newest checkpoint."""
+    """Train `run_dir` in `count` attempts, each SIGKILLed and each resuming the newest checkpoint.
+
+    Most attempts commit one checkpoint, then die before a seeded k-th later write under the run folder (k up to
+    two saves' worth) or a seeded delay after that commit (up to two saves' duration); every sixth dies at one of
+    its very first writes instead (the pid file, events, the clean-up of what the previous kill left).
+    """
     rng = random.Random(seed)
     digests = {
         name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest() for name in ("run.json", "recipe.toml")
@@ -285,11 +302,13 @@ def kill_chain(
     for index in range(count):
         resume = bool(_checkpoint_names(run_dir))
         argv = ["--run-dir", str(run_dir), *(["--resume"] if resume else [])]
-        if index % 2 == 0:
-            kill: dict[str, Any] = {"kill_at_event": rng.randint(1, max_event), "watch": run_dir}
+        if index % 6 == 5:
+            kill: dict[str, Any] = {"kill_at_event": rng.randint(1, 8)}
+        elif index % 2 == 0:
+            kill = {"kill_at_event": rng.randint(1, 2 * writes_per_save), "arm_on": FIRST_COMMIT}
         else:
-            kill = {"kill_after_s": round(rng.uniform(0, max_delay_s), 3), "watch": run_dir / "checkpoints"}
-        result = zygote.trial("engine.train:main", argv, **kill)
+            kill = {"kill_after_s": round(rng.uniform(0, 2 * save_s), 3), "arm_on": FIRST_COMMIT}
+        result = zygote.trial("engine.train:main", argv, watch=run_dir, **kill)
         problems, lost = run_problems(run_dir, digests)
         for name in _checkpoint_names(run_dir):
             if name not in digests and not checkpoint_problems(run_dir / "checkpoints" / name):
@@ -297,7 +316,7 @@ def kill_chain(
         trials.append(
             ChainTrial(
                 index=index,
-                kill={key: value for key, value in kill.items() if key != "watch"},
+                kill=kill,
                 killed=result.killed,
                 resumed=resume,
                 checkpoints_after=_checkpoint_names(run_dir),

@@ -5,7 +5,8 @@ command per stdin line and answers one JSON line per command. A command names a 
 its `args`; the forked trial process runs it in its own process group and is killed with SIGKILL either by itself,
 just before its `kill_at_event`-th file-system write under `watch` (counted by an audit hook, so the kill lands
 between two writes of the code under test), or by this process `kill_after_s` seconds after the trial's first
-write under `watch` (so it can land inside a write done by native code, which raises no audit event).
+write under `watch` (so it can land inside a write done by native code, which raises no audit event). With
+`arm_on`, both count from the first write touching a path that matches that regex instead.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -63,21 +65,31 @@ def touched_paths(event: str, args: tuple[Any, ...]) -> list[str]:
     return []
 
 
-def install_kill_hook(watch: str, kill_at: int | None, counter: list[int], first_write_fd: int) -> None:
+def install_kill_hook(
+    watch: str, kill_at: int | None, counter: list[int], first_write_fd: int, arm_on: str | None = None
+) -> None:
     """Count writes under `watch` in `counter[0]`, tell `first_write_fd` about the first one, and SIGKILL this
-    process group just before write number `kill_at`."""
+    process group just before write number `kill_at`. With `arm_on` (a regex), counting starts only after a write
+    that touches a matching path, e.g. the rename that commits the attempt's first checkpoint."""
     prefix = os.path.abspath(watch)
+    trigger = re.compile(arm_on) if arm_on else None
+    armed = [trigger is None]
 
     def hook(event: str, args: tuple[Any, ...]) -> None:
         if event != "open" and event not in CHANGE_EVENTS:
             return
-        if any(path == prefix or path.startswith(prefix + os.sep) for path in touched_paths(event, args)):
-            counter[0] += 1
-            if counter[0] == 1:
-                with contextlib.suppress(OSError):
-                    os.write(first_write_fd, b"1")
-            if kill_at is not None and counter[0] >= kill_at:
-                os.killpg(0, signal.SIGKILL)
+        paths = touched_paths(event, args)
+        if not any(path == prefix or path.startswith(prefix + os.sep) for path in paths):
+            return
+        if not armed[0]:
+            armed[0] = trigger is not None and any(trigger.fullmatch(path) for path in paths)
+            return
+        counter[0] += 1
+        if counter[0] == 1:
+            with contextlib.suppress(OSError):
+                os.write(first_write_fd, b"1")
+        if kill_at is not None and counter[0] >= kill_at:
+            os.killpg(0, signal.SIGKILL)
 
     sys.addaudithook(hook)
 
@@ -108,7 +120,9 @@ def _trial_process(command: dict[str, Any], first_write_fd: int) -> None:
             os.chdir(command["cwd"])
         counter = [0]
         if command.get("watch"):
-            install_kill_hook(command["watch"], command.get("kill_at_event"), counter, first_write_fd)
+            install_kill_hook(
+                command["watch"], command.get("kill_at_event"), counter, first_write_fd, command.get("arm_on")
+            )
         result = _resolve(command["target"])(*command.get("args", []))
         code = result if isinstance(result, int) else 0
         if command.get("count_file"):

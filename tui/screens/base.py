@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 class TabView(Container):
-    """A tab's content; failed workers are forwarded to the app, which shows the EngineError title and cause."""
+    """A tab's content; failed workers go to the app, which shows the EngineError title and cause."""
 
     @property
     def engine(self) -> EngineClient:

@@ -1,5 +1,4 @@
-"""The Chat tab: talk to a base model, a run's newest checkpoint (hot-swapped as it trains), an adapter or a
-GGUF.
+"""The Chat tab: talk to a base model, a run's newest checkpoint (swapped in as it trains), adapter or GGUF.
 
 The chat engine is a subprocess (`python -m engine.chat`) started on demand; an async worker reads its event
 stream and posts messages, and handlers own every widget change.
@@ -105,9 +104,9 @@ class ChatView(TabView):
     class EngineExited(Message):
         """The chat engine process ended."""
 
-        def __init__(self, code: int, cause: str, log_path: Path) -> None:
+        def __init__(self, code: int, cause: str, log_path: Path, process: EngineProcess) -> None:
             super().__init__()
-            self.code, self.cause, self.log_path = code, cause, log_path
+            self.code, self.cause, self.log_path, self.process = code, cause, log_path, process
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -258,11 +257,16 @@ class ChatView(TabView):
         )
         self.process = process
         try:
-            await process.start()
+            try:
+                await process.start()
+            except EngineError as exc:
+                cause = f"{exc.message} {exc.next_step}".strip()
+                self.post_message(self.EngineExited(-1, cause, process.log_path, process))
+                return
             async for event in process.events():
                 self.post_message(self.EngineEvent(event))
             code = await process.wait()
-            self.post_message(self.EngineExited(code, process.exit_cause(code), process.log_path))
+            self.post_message(self.EngineExited(code, process.exit_cause(code), process.log_path, process))
         finally:
             await process.close({"op": "quit"})
 
@@ -316,10 +320,12 @@ class ChatView(TabView):
 
     @on(EngineExited)
     def _engine_exited(self, event: EngineExited) -> None:
+        if event.process is not self.process:
+            return  # an engine replaced by a model change; its successor is running
         was_failed = self.state == "failed"
         self.process = None
         self.ready = False
-        self.active_request = None
+        self.active_request, self.pending = None, None
         self._finish_streaming("(engine stopped)")
         if not was_failed and event.code != 0:
             self._note(f"{event.cause} Log: {event.log_path}")

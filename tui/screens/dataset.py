@@ -1,5 +1,4 @@
-"""The Dataset tab: the workspace's datasets, one open in a table with token counts and lints, edited in
-place.
+"""The Dataset tab: the workspace's datasets, one open in a table with token counts and lints, edited there.
 
 Every committed change is autosaved atomically off the UI thread; lints and token counts (engine.template's
 PromptRenderer for the chosen model folder, else an estimate) are computed by a worker after each change.
@@ -234,8 +233,7 @@ class DatasetView(TabView):
         )
 
     def _row_cells(self, row: int) -> list[Text | str]:
-        assert self.document is not None
-        pair = self.document.pairs[row]
+        pair = self.document.pairs[row] if self.document is not None else QAPair("", "")
         count = self.counts[row] if row < len(self.counts) else None
         marks = "".join(dict.fromkeys(LINT_MARKS[lint.kind] for lint in self.lints_by_row.get(row, [])))
         lint_text = Text(marks[:2], style=LINT_STYLES.get(marks[:1], ""))
@@ -462,8 +460,9 @@ class DatasetView(TabView):
         self.app.push_screen(
             ConfirmScreen(
                 "Unreadable lines",
-                f"{doc.name} has {len(doc.problems)} line(s) tunedeck cannot read (first: {doc.problems[0]}). "
-                "Saving your edit keeps only the readable pairs; the original file is copied beside it first.",
+                f"{doc.name} has {len(doc.problems)} line(s) tunedeck cannot read "
+                f"(first: {doc.problems[0]}). "
+                "Saving keeps only the readable pairs; the original file is copied beside it first.",
                 "Copy and edit",
             ),
             answered,
@@ -484,7 +483,8 @@ class DatasetView(TabView):
     def _other_questions(self, skip_row: int | None) -> set[str]:
         from engine.dataset import normalise_question
 
-        assert self.document is not None
+        if self.document is None:
+            return set()
         return {normalise_question(p.question) for i, p in enumerate(self.document.pairs) if i != skip_row}
 
     def action_add(self) -> None:
@@ -520,8 +520,9 @@ class DatasetView(TabView):
             return
         from tui.screens.edit_pair import EditPairScreen
 
-        assert self.document is not None
         doc = self.document
+        if doc is None:
+            return
 
         def done(pair: QAPair | None) -> None:
             if pair is not None and self.document is doc and row < len(doc.pairs):
@@ -543,18 +544,16 @@ class DatasetView(TabView):
     def action_delete(self) -> None:
         """Delete the pair under the cursor (u brings it back)."""
         row = self.current_row()
-        if row is None or not self._editable(self.action_delete):
+        if row is None or self.document is None or not self._editable(self.action_delete):
             return
-        assert self.document is not None
         self._committed(self.document.delete([row]), structural=True)
         self.notify("Pair deleted; u undoes.", timeout=3)
 
     def action_duplicate(self) -> None:
         """Copy the pair under the cursor below it."""
         row = self.current_row()
-        if row is None or not self._editable(self.action_duplicate):
+        if row is None or self.document is None or not self._editable(self.action_duplicate):
             return
-        assert self.document is not None
         self._committed(self.document.duplicate(row), structural=True)
 
     def action_undo(self) -> None:

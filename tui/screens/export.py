@@ -1,5 +1,4 @@
-"""The Export tab: pick a run, a checkpoint and quantisations, run `python -m engine.export` and watch each
-stage."""
+"""The Export tab: pick run, checkpoint and quantisations; run `python -m engine.export`, watch each stage."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, Checkbox, Label, ProgressBar, Select, Static
 
-from engine.errors import ExportError
+from engine.errors import EngineError, ExportError
 from engine.events import Event, Log, Progress, RunFailed, RunFinished
 from engine.workspace import checkpoint_dirs, checkpoint_step
 from tui.engine_client import EngineProcess
@@ -197,7 +196,13 @@ class ExportView(TabView):
             log_path=self.engine.log_path("export"),
         )
         try:
-            await process.start()
+            try:
+                await process.start()
+            except EngineError as exc:
+                self.post_message(
+                    self.EngineExited(-1, f"{exc.message} {exc.next_step}".strip(), process.log_path)
+                )
+                return
             async for event in process.events():
                 self.post_message(self.EngineEvent(event))
             code = await process.wait()

@@ -209,7 +209,7 @@ class NewRunScreen(ModalScreen[tuple[str, list[str]] | None]):
         return overrides
 
     def validate_form(self) -> bool:
-        """Validate the recipe with the overrides; show the first problem next to its field. True when valid."""
+        """Validate the recipe with the overrides and show the first problem at its field; True when valid."""
         for widget in self.query(".-invalid"):
             widget.remove_class("-invalid")
         self.overrides = self.collect_overrides()

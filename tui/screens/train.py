@@ -1,5 +1,4 @@
-"""The Train tab: every run with its status, and a live view of one that replays its events.jsonl then tails
-it.
+"""The Train tab: every run with its status, and a live view of one that replays its events, then tails them.
 
 A run started before the TUI opened (or by another TUI, or from the CLI) shows its whole history and keeps
 updating; a dead process without an end event reads `interrupted` and offers resume, never `running`.
@@ -18,12 +17,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.widgets import DataTable, ProgressBar, RichLog, Static
+from textual.widgets import DataTable, ProgressBar, Static
 from textual.worker import get_current_worker
 
 from tui.messages import ActiveRunChanged, RunLaunched, RunsChanged
 from tui.run_state import LogLine, RunSnapshot, format_age, format_duration, short_run_label
 from tui.screens.base import TabView
+from tui.widgets.log_tail import LogTail
 from tui.widgets.plot import EVAL_COLOR, LOSS_COLOR, LossPlot
 from tui.widgets.status_line import STATUS_STYLES
 
@@ -144,7 +144,7 @@ class RunDetail(Vertical):
             yield Static(id="run-progress-label")
         yield Static(id="run-metrics")
         yield LossPlot(id="run-plot")
-        yield RichLog(max_lines=400, wrap=False, markup=False, id="run-log")
+        yield LogTail(id="run-log")
 
     def on_mount(self) -> None:
         self.shown_run_id: str | None = None
@@ -156,11 +156,12 @@ class RunDetail(Vertical):
         """Update a Static only when its content changed (an unchanged update still costs a repaint)."""
         if self._shown.get(widget_id) != content:
             self._shown[widget_id] = content
-            self.query_one(f"#{widget_id}", Static).update(content)
+            # These widgets have fixed sizes, so a repaint is enough (a layout pass costs the whole screen).
+            self.query_one(f"#{widget_id}", Static).update(content, layout=widget_id == "run-problem")
 
     def show(self, snap: RunSnapshot) -> None:
         """Draw `snap`; switching to another run clears the log first."""
-        log = self.query_one("#run-log", RichLog)
+        log = self.query_one("#run-log", LogTail)
         if snap.run_id != self.shown_run_id:
             self.shown_run_id = snap.run_id
             self.logs_shown = 0
@@ -188,9 +189,7 @@ class RunDetail(Vertical):
         if fresh < 0:
             self.logs_shown, fresh = 0, len(snap.logs)
             log.clear()
-        if fresh:
-            lines = [log_line_text(line) for line in snap.logs[len(snap.logs) - fresh :]]
-            log.write(Text("\n").join(lines))
+        log.extend([log_line_text(line) for line in snap.logs[len(snap.logs) - fresh :]])
         self.logs_shown = snap.log_total
 
 
@@ -293,11 +292,11 @@ class TrainView(TabView):
                 self.open_run(chosen)
         else:
             for snap in event.snapshots:
-                glyph, run, step = self._row_cells(snap)
+                glyph, _, step = self._row_cells(snap)
                 table.update_cell(snap.run_id, "glyph", glyph)
                 table.update_cell(snap.run_id, "step", step)
         title = f"Runs ({len(order)})" if order else "Runs  [dim]none yet: press n[/]"
-        self.query_one("#runs-title", Static).update(title)
+        self.query_one("#runs-title", Static).update(title, layout=False)
 
     @staticmethod
     def _row_cells(snap: RunSnapshot) -> tuple[Text, Text, Text]:
@@ -312,7 +311,7 @@ class TrainView(TabView):
             self.open_run(str(event.row_key.value))
 
     def open_run(self, run_id: str) -> None:
-        """Show `run_id` (its history is replayed by the follower thread) and make it the status line's run."""
+        """Show `run_id` (the follower thread replays its history) and make it the status line's run."""
         if run_id == self.opened_run_id:
             return
         self.opened_run_id = run_id

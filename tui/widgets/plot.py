@@ -1,4 +1,4 @@
-"""A braille line plot of training and eval loss: no plotting library, 2×4 dots per cell, any terminal size."""
+"""A braille line plot of training and eval loss: no plotting library, 2×4 dots a cell, any size."""
 
 from __future__ import annotations
 

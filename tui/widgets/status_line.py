@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual import on, work
 from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Static
-from textual.worker import get_current_worker
+from textual.worker import Worker, WorkerState, get_current_worker
 
-from tui.run_state import RunSnapshot, format_duration
+from tui.messages import WorkerFailed
+
+if TYPE_CHECKING:
+    from tui.run_state import RunSnapshot
 
 STATUS_STYLES = {
     "running": "bold green",
@@ -34,6 +38,8 @@ def short_path(path: Path, limit: int = 28) -> str:
 
 def describe_run(snapshot: RunSnapshot) -> Text:
     """`▶ 20261123-demo running 12/48 loss 1.234 eta 2m` as styled text."""
+    from tui.run_state import format_duration
+
     text = Text()
     text.append(f"{snapshot.glyph} ", style=STATUS_STYLES.get(snapshot.status, ""))
     text.append(snapshot.run_id, style="bold")
@@ -85,6 +91,11 @@ class StatusLine(Static):
             snapshot = pick_run(runs.poll_all(), self.follow_run_id)
             self.post_message(self.RunPolled(snapshot))
             worker.cancelled_event.wait(self.POLL_INTERVAL_S)
+
+    @on(Worker.StateChanged)
+    def _forward_worker_failure(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR and event.worker.error is not None:
+            self.post_message(WorkerFailed(event.worker.error, event.worker.name))
 
     @on(RunPolled)
     def _run_polled(self, event: RunPolled) -> None:
