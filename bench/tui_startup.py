@@ -37,7 +37,8 @@ def tab_drawn():
     app.exit()
 
 def check_tab():
-    if app.shell_ready and len(marks) == 1:
+    views = app.query("#dataset-view")
+    if views and views.first().document is not None and len(marks) == 1:
         marks.append(None)
         app.call_after_refresh(tab_drawn)
 
@@ -88,8 +89,8 @@ def baseline_start(repeats: int) -> float:
 
 
 def cold_start(workspace: Path, repeats: int) -> list[tuple[float, float, float]]:
-    """Per fresh process, seconds from its first line (imports included) to the first frame, to the frame with
-    the Dataset tab built, and its whole life."""
+    """Per fresh process, seconds from its first line (imports included) to the first frame, to the frame that
+    shows the dataset's rows (read by a worker after the first frame), and its whole life."""
     times = []
     for _ in range(repeats):
         probe = STARTUP_PROBE.format(repo=str(REPO), workspace=str(workspace))
@@ -174,7 +175,7 @@ def main() -> None:
     baseline = baseline_start(args.repeats)
     result = {
         "first_frame_s": {"median": round(statistics.median(frames), 3), "max": round(frames[-1], 3)},
-        "dataset_tab_built_s": {
+        "dataset_rows_shown_s": {
             "median": round(statistics.median(tab_frames), 3),
             "max": round(tab_frames[-1], 3),
         },
@@ -195,8 +196,8 @@ def main() -> None:
         f"a two-widget Textual app: {result['textual_hello_world_first_frame_s']} s)  target ≤ 0.3 s"
     )
     print(
-        f"Dataset tab built and drawn: median {result['dataset_tab_built_s']['median']} s "
-        f"(max {result['dataset_tab_built_s']['max']} s)"
+        f"dataset rows on screen: median {result['dataset_rows_shown_s']['median']} s "
+        f"(max {result['dataset_rows_shown_s']['max']} s)"
     )
     print(
         f"key latency with {args.rate:.0f} events/s streaming: "

@@ -329,6 +329,15 @@ class HFBackend:
             self._adapter_names = [new_name]
         self.adapter_path = path
 
+    def fit(self, messages: list[dict[str, str]], max_new_tokens: int) -> list[dict[str, str]]:
+        """The newest turns of the conversation that leave room for a reply of `max_new_tokens`."""
+        from engine.generation import context_length, fit_messages, prompt_ids
+
+        budget = context_length(self.model, self.tokenizer) - max_new_tokens
+        if budget <= 0:
+            return messages  # the reply alone fills the context; generate() shortens it instead
+        return fit_messages(messages, lambda kept: len(prompt_ids(self.tokenizer, kept)), budget)
+
     def answer(
         self,
         messages: Sequence[dict[str, str]],
@@ -429,6 +438,10 @@ class GGUFBackend:
 
     def slots(self, compare: bool) -> list[str]:
         return [SLOT_ADAPTER]
+
+    def fit(self, messages: list[dict[str, str]], max_new_tokens: int) -> list[dict[str, str]]:
+        """The conversation as is: llama.cpp reports a prompt longer than its context itself."""
+        return messages
 
     def can_compare(self) -> bool:
         return False
@@ -746,13 +759,27 @@ class ChatEngine:
 
     def generate(self, request: GenerateRequest) -> None:
         """Answer one request, streaming token events for each slot and closing each with reply_done."""
-        if self.backend is None:
+        self.follow_run()
+        backend = self.backend
+        if backend is None:
             self.reject_request(
                 request.id, "no model is loaded; send a load request first.", compare=request.compare
             )
             return
-        self.follow_run()
-        backend = self.backend
+        conversation = self._conversation(request)
+        try:
+            messages = backend.fit(conversation, request.max_new_tokens)
+        except EngineError as exc:
+            self.reject_request(request.id, f"{exc.message} {exc.next_step}".strip(), compare=request.compare)
+            return
+        if len(messages) < len(conversation):
+            self.emit(
+                Log(
+                    message=f"Request {request.id}: left out the {len(conversation) - len(messages)} oldest "
+                    "messages to fit the model's context.",
+                    level="warning",
+                )
+            )
         if request.compare and not backend.can_compare():
             # Compare requests always get both slots closed, so a client waiting on two panes never hangs.
             self.emit(
@@ -763,7 +790,6 @@ class ChatEngine:
                 )
             )
             self.emit(ReplyDone(request_id=request.id, stop_reason=STOP_ERROR, slot=SLOT_BASE))
-        messages = self._conversation(request)
 
         def should_stop() -> bool:
             return self.stop_before_seq > request.seq

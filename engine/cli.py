@@ -65,7 +65,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def _load(name: str):  # noqa: ANN202 - a module
+def _load(name: str):
     return importlib.import_module(f"engine.commands.{COMMANDS[name]}")
 
 

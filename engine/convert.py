@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import struct
 import subprocess
 import sys
 import time
@@ -437,19 +438,6 @@ class GgufInfo:
         return data
 
 
-def _field_value(reader: Any, key: str) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    with contextlib.suppress(Exception):
-        return field.contents()
-    # Older gguf-py: strings are byte arrays at data[0].
-    part = field.parts[field.data[0]]
-    return (
-        bytes(part).decode("utf-8") if part.dtype.kind == "u" and part.dtype.itemsize == 1 else part[0].item()
-    )
-
-
 def file_type_name(file_type: int | None) -> str:
     """`LlamaFileType` number → a lowercase name such as q4_0 (as llama.cpp's ftype names, minus MOSTLY_)."""
     if file_type is None:
@@ -462,37 +450,136 @@ def file_type_name(file_type: int | None) -> str:
     return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
 
 
+# GGUF value types: struct format of each fixed-size type; 8 is a string, 9 an array.
+_GGUF_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _GgufHeader:
+    """A lean reader of a GGUF header: key/values and tensor infos, skipping arrays it is not asked for.
+
+    gguf-py's GGUFReader builds an object for every vocabulary entry (seconds for a 50k vocabulary); reading
+    only the header keeps the verify stage cheap.
+    """
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self.data = data
+        self.pos = 0
+        self.values: dict[str, Any] = {}
+        self.string_arrays: dict[str, list[int]] = {}
+        self.tensors: list[tuple[str, list[int], int]] = []
+
+    def _unpack(self, fmt: str) -> Any:
+        value = struct.unpack_from(fmt, self.data, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def _string(self) -> str:
+        length = self._unpack("<Q")
+        text = bytes(self.data[self.pos : self.pos + length]).decode("utf-8", errors="replace")
+        self.pos += length
+        return text
+
+    def _value(self, kind: int, key: str) -> Any:
+        if kind in _GGUF_SCALARS:
+            return self._unpack(_GGUF_SCALARS[kind])
+        if kind == _GGUF_STRING:
+            return self._string()
+        if kind != _GGUF_ARRAY:
+            raise ValueError(f"unknown GGUF value type {kind}")
+        item_kind, count = self._unpack("<I"), self._unpack("<Q")
+        if item_kind in _GGUF_SCALARS:
+            self.pos += struct.calcsize(_GGUF_SCALARS[item_kind]) * count
+            return None
+        if item_kind == _GGUF_STRING:
+            offsets = []
+            for _ in range(count):
+                offsets.append(self.pos)
+                self.pos += 8 + struct.unpack_from("<Q", self.data, self.pos)[0]
+            self.string_arrays[key] = offsets
+            return None
+        for _ in range(count):
+            self._value(item_kind, key)
+        return None
+
+    def read(self) -> _GgufHeader:
+        """Parse the header; raises ValueError for a file that is not GGUF."""
+        if bytes(self.data[:4]) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        self.pos = 4
+        self._unpack("<I")  # version
+        n_tensors, n_values = self._unpack("<Q"), self._unpack("<Q")
+        for _ in range(n_values):
+            key = self._string()
+            self.values[key] = self._value(self._unpack("<I"), key)
+        for _ in range(n_tensors):
+            name = self._string()
+            dims = [self._unpack("<Q") for _ in range(self._unpack("<I"))]
+            kind = self._unpack("<I")
+            self._unpack("<Q")  # offset
+            self.tensors.append((name, dims, kind))
+        return self
+
+    def array_string(self, key: str, index: int) -> str:
+        """Entry `index` of the string array `key` (e.g. a token's text), or ''."""
+        offsets = self.string_arrays.get(key, [])
+        if not 0 <= index < len(offsets):
+            return ""
+        self.pos = offsets[index]
+        return self._string()
+
+
 def read_gguf(path: Path) -> GgufInfo:
-    """The metadata of a GGUF file (no weights are read into memory)."""
+    """The metadata of a GGUF file, read from its header (no weights are read into memory)."""
+    import mmap
+
     gguf = _gguf_module()
-    reader = gguf.GGUFReader(str(path), "r")
-    info = GgufInfo(path=str(path), size_bytes=Path(path).stat().st_size)
-    info.architecture = str(_field_value(reader, "general.architecture") or "")
-    file_type = _field_value(reader, "general.file_type")
-    info.file_type = int(file_type) if file_type is not None else None
-    info.file_type_name = file_type_name(info.file_type)
-    info.chat_template = str(_field_value(reader, "tokenizer.chat_template") or "")
-    for kind in ("bos", "eos"):
-        value = _field_value(reader, f"tokenizer.ggml.{kind}_token_id")
-        setattr(info, f"{kind}_token_id", int(value) if value is not None else None)
-    add_bos = _field_value(reader, "tokenizer.ggml.add_bos_token")
-    info.add_bos_token = bool(add_bos) if add_bos is not None else None
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    if tokens is not None:
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        try:
+            header = _GgufHeader(data).read()
+        except (ValueError, struct.error) as exc:
+            raise ExportError(
+                f"{Path(path).name} is not a readable GGUF file ({exc}).",
+                next_step="Export again; the file is damaged or was cut short.",
+            ) from None
+        values = header.values
+        info = GgufInfo(path=str(path), size_bytes=Path(path).stat().st_size)
+        info.architecture = str(values.get("general.architecture") or "")
+        file_type = values.get("general.file_type")
+        info.file_type = int(file_type) if file_type is not None else None
+        info.file_type_name = file_type_name(info.file_type)
+        info.chat_template = str(values.get("tokenizer.chat_template") or "")
         for kind in ("bos", "eos"):
-            token_id = getattr(info, f"{kind}_token_id")
-            if token_id is not None and 0 <= token_id < len(tokens.data):
-                part = tokens.parts[tokens.data[token_id]]
-                setattr(info, f"{kind}_token", bytes(part).decode("utf-8", errors="replace"))
-    counts: dict[str, int] = {}
-    for tensor in reader.tensors:
-        if len(tensor.shape) >= 2 and int(tensor.shape[1] if len(tensor.shape) > 1 else 1) > 1:
-            name = tensor.tensor_type.name.lower()
-            counts[name] = counts.get(name, 0) + 1
-    info.tensor_types = dict(sorted(counts.items(), key=lambda item: -item[1]))
-    info.n_tensors = len(reader.tensors)
-    context = _field_value(reader, f"{info.architecture}.context_length")
-    info.context_length = int(context) if context is not None else 0
+            token_id = values.get(f"tokenizer.ggml.{kind}_token_id")
+            setattr(info, f"{kind}_token_id", int(token_id) if token_id is not None else None)
+            if token_id is not None:
+                setattr(info, f"{kind}_token", header.array_string("tokenizer.ggml.tokens", int(token_id)))
+        add_bos = values.get("tokenizer.ggml.add_bos_token")
+        info.add_bos_token = bool(add_bos) if add_bos is not None else None
+        context = values.get(f"{info.architecture}.context_length")
+        info.context_length = int(context) if context is not None else 0
+        counts: dict[str, int] = {}
+        for _name, dims, kind in header.tensors:
+            if len(dims) >= 2 and dims[1] > 1:
+                try:
+                    type_name = gguf.GGMLQuantizationType(kind).name.lower()
+                except ValueError:
+                    type_name = str(kind)
+                counts[type_name] = counts.get(type_name, 0) + 1
+        info.tensor_types = dict(sorted(counts.items(), key=lambda item: -item[1]))
+        info.n_tensors = len(header.tensors)
     return info
 
 

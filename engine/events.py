@@ -173,7 +173,7 @@ class Token(Event):
 @_register
 @dataclasses.dataclass
 class ReplyDone(Event):
-    """A reply ended: `stop_reason` is eos, length or stopped."""
+    """A reply ended: `stop_reason` is eos, length, stopped or error."""
 
     type: ClassVar[str] = "reply_done"
     request_id: str
@@ -278,7 +278,7 @@ class EventWriter:
         self._log: IO[str] | None = None
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(self.log_path, "a", encoding="utf-8")
+            self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run
 
     def emit(self, event: Event) -> None:
         """Write one event as one line and flush both sinks, so a kill loses at most this line."""

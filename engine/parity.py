@@ -117,11 +117,13 @@ def _answer_budget(tokenizer: Any, questions: list[ParityQuestion]) -> int:
     return max(MIN_NEW_TOKENS, min(MAX_NEW_TOKENS, int(longest * 1.5) + 16))
 
 
+ADAPTER_BATCH = 8
+
+
 def adapter_answers(
     plan: ExportPlan, questions: list[ParityQuestion], clock: StageClock, *, max_new_tokens: int | None
 ) -> tuple[list[Answer], int]:
     """Greedy answers of the unmerged adapter (base + LoRA, as chat serves it); also the token budget used."""
-    from engine.generation import STOP_LENGTH, generate
     from engine.modeling import load_for_inference
 
     if plan.is_adapter:
@@ -131,18 +133,71 @@ def adapter_answers(
     else:
         model, tokenizer = load_for_inference(None, plan.checkpoint_dir, device="cpu", dtype=plan.merge_dtype)
     budget = max_new_tokens or _answer_budget(tokenizer, questions)
-    answers = []
-    system_prompt = plan.recipe.data.system_prompt
-    for index, question in enumerate(questions):
-        result = generate(
-            model, tokenizer, question.messages(system_prompt), max_new_tokens=budget, temperature=0.0
-        )
-        seconds = result.tokens / result.tokens_per_s if result.tokens_per_s > 0 else 0.0
-        answers.append(Answer(result.text, result.tokens, seconds, result.stop_reason == STOP_LENGTH))
-        clock.update(index + 1, f"adapter: {index + 1}/{len(questions)}")
+    conversations = [q.messages(plan.recipe.data.system_prompt) for q in questions]
+    answers = greedy_batch(
+        model, tokenizer, conversations, budget, on_done=lambda n: clock.update(n, "adapter")
+    )
     del model
     gc.collect()
     return answers, budget
+
+
+def greedy_batch(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[dict[str, str]]],
+    max_new_tokens: int,
+    *,
+    batch_size: int = ADAPTER_BATCH,
+    on_done: Any = None,
+) -> list[Answer]:
+    """Greedy answers in left-padded batches (CPU generation is several times faster batched), each with its
+    token count and whether it ran to the limit without an end-of-turn token."""
+    import torch
+    from transformers import GenerationConfig
+
+    from engine.generation import prompt_ids, stop_token_ids
+
+    stops = stop_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+    encoded = [prompt_ids(tokenizer, conversation) for conversation in conversations]
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        eos_token_id=stops or None,
+        pad_token_id=pad,
+    )
+    # Similar lengths share a batch, so little compute goes to padding.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers: list[Answer | None] = [None] * len(encoded)
+    done = 0
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        rows = [[pad] * (width - len(encoded[i])) + encoded[i] for i in chunk]
+        masks = [[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk]
+        began = time.perf_counter()
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=torch.tensor(rows), attention_mask=torch.tensor(masks), generation_config=config
+            )
+        seconds = (time.perf_counter() - began) / len(chunk)
+        for generated, index in zip(output[:, width:].tolist(), chunk, strict=True):
+            cut = next((at for at, token in enumerate(generated) if token in stops), None)
+            text = tokenizer.decode(
+                generated[: cut if cut is not None else len(generated)],
+                skip_special_tokens=True,
+                clean_up_tokenization_spaces=False,
+            )
+            tokens = cut + 1 if cut is not None else len(generated)
+            answers[index] = Answer(text, tokens, seconds, cut is None and len(generated) >= max_new_tokens)
+        done += len(chunk)
+        if on_done is not None:
+            on_done(done)
+    return [answer for answer in answers if answer is not None]
 
 
 def context_size(path: Path, limit: int = 2048) -> int:

@@ -456,7 +456,6 @@ class TrainingJob:
         stopped = self.stop.requested and self.global_step < self.max_steps
         if has_eval and not stopped and trainer.state.global_step and self.last_eval_step != self.global_step:
             trainer.evaluate()
-        self.stop.training = False
         shutil.rmtree(staging, ignore_errors=True)
         status = "stopped" if stopped else "finished"
         self.writer.emit(

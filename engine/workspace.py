@@ -11,6 +11,7 @@ import re
 import time
 from pathlib import Path
 
+from engine.errors import WorkspaceError
 from engine.events import (
     CheckpointSaved,
     Eval,
@@ -21,7 +22,6 @@ from engine.events import (
     Step,
     read_events,
 )
-from engine.errors import WorkspaceError
 
 MARKER_FILE = "tunedeck.toml"
 DATASETS_DIR = "datasets"
@@ -100,7 +100,7 @@ class Workspace:
         )
 
     def inside(self, path: Path | str, *, base: Path | None = None) -> Path:
-        """Resolve a user-given path relative to `base` (default: the root) and refuse one that escapes the workspace."""
+        """Resolve a user path against `base` (default: the root), refusing one that escapes the workspace."""
         candidate = Path(path).expanduser()
         if not candidate.is_absolute():
             candidate = (base or self.root) / candidate

@@ -475,11 +475,23 @@ def test_stop_ends_a_reply_promptly(engine: EngineClient, tiny_model_dir: Path) 
     assert engine.generate("hi", max_new_tokens=5).done["adapter"].stop_reason == "length"
 
 
-def test_too_long_a_prompt_is_an_error_reply(engine: EngineClient, tiny_model_dir: Path) -> None:
-    assert isinstance(engine.load(base=str(tiny_model_dir)), ChatReady)
-    reply = engine.generate("the quick brown fox " * 400, max_new_tokens=5)
-    assert reply.done["adapter"].stop_reason == "error"
-    assert any(isinstance(e, Log) and e.level == "error" and "context" in e.message for e in reply.others)
+def test_long_conversations_drop_old_turns_and_an_oversized_message_is_refused(
+    engine: EngineClient, tiny_model_dir: Path, adapters: dict[str, Path]
+) -> None:
+    assert isinstance(engine.load(base=str(tiny_model_dir), adapter=str(adapters["A"])), ChatReady)
+    long_turn = (
+        "the quick brown fox jumps over the lazy dog " * 60
+    )  # more than the tiny model's 512 positions
+    conversation = [*_user(long_turn), {"role": "assistant", "content": "ok"}, *_user(QUESTIONS[0])]
+    reply = engine.generate(conversation, max_new_tokens=40)
+    assert reply.done["adapter"].text == ANSWERS_A[0]
+    assert any(isinstance(e, Log) and "left out the 2 oldest messages" in e.message for e in reply.others)
+    reply = engine.generate(long_turn, max_new_tokens=5, compare=True)
+    assert {slot: done.stop_reason for slot, done in reply.done.items()} == {
+        "base": "error",
+        "adapter": "error",
+    }
+    assert any(isinstance(e, Log) and e.level == "error" and "longer than" in e.message for e in reply.others)
 
 
 def test_following_a_run_hot_swaps_to_each_new_checkpoint(
@@ -608,7 +620,7 @@ def test_stdout_carried_only_events(engine: EngineClient) -> None:
 
 
 def test_cli_chat_repl(tiny_model_dir: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
-    env = _subprocess_env()
+    env = {**_subprocess_env(), "TMPDIR": str(tmp_path)}  # where a failed chat keeps its engine log
     lines = f"{QUESTIONS[0]}\n/compare\n{QUESTIONS[1]}\n/quit\n"
     done = subprocess.run(
         [
@@ -637,7 +649,7 @@ def test_cli_chat_repl(tiny_model_dir: Path, adapters: dict[str, Path], tmp_path
 
 
 def test_cli_chat_reports_a_load_failure(tmp_path: Path) -> None:
-    env = _subprocess_env()
+    env = {**_subprocess_env(), "TMPDIR": str(tmp_path)}  # where a failed chat keeps its engine log
     done = subprocess.run(
         [sys.executable, "-m", "engine.cli", "chat", "--base", str(tmp_path / "nothing-here")],
         input="hello\n",

@@ -19,7 +19,7 @@ import pytest
 pytest.register_assert_rewrite("crashkit")
 
 from crashkit.fixtures import CHAIN_TRIALS  # noqa: E402
-from crashkit.harness import KillChain, Zygote, gguf_problems, leftover_problems  # noqa: E402
+from crashkit.harness import KillChain, Zygote, export_problems, leftover_problems  # noqa: E402
 from crashkit.plugin import Trials, family  # noqa: E402
 from engine.dataset import QAPair, dumps_pairs, load_pairs, save_pairs  # noqa: E402
 
@@ -95,47 +95,6 @@ def test_sigkill_during_checkpoint_writes_leaves_only_complete_checkpoints(
 
 EXPORT_TRIALS = 12
 EXPORT_QUANTS = "q4_0,q8_0"
-
-
-def export_problems(export_dir: Path) -> list[str]:
-    """What in an export folder looks finished but is not: a GGUF that does not load as its type, a merged/ folder
-    missing a file or holding unreadable weights, a Modelfile or report naming a missing file."""
-    from safetensors import safe_open
-
-    from engine.atomic import is_partial
-    from engine.export import LOG_NAMES, MERGED_DIR, MODELFILE, REPORT_JSON, REPORT_MD
-
-    problems = []
-    for entry in sorted(export_dir.iterdir()):
-        name = entry.name
-        if name in LOG_NAMES or is_partial(entry):
-            continue
-        if name.endswith(".gguf"):
-            problems += gguf_problems(entry)
-        elif name == MERGED_DIR:
-            present = {path.name for path in entry.iterdir()}
-            needed = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                      "chat_template.jinja"}
-            problems += [f"merged/ lacks {missing}" for missing in sorted(needed - present)]
-            if "model.safetensors" in present:
-                try:
-                    with safe_open(str(entry / "model.safetensors"), framework="pt") as weights:
-                        for key in weights.keys():
-                            weights.get_tensor(key)
-                    json.loads((entry / "config.json").read_text())
-                except Exception as exc:  # noqa: BLE001 - unreadable means damaged
-                    problems.append(f"merged/ does not load: {exc}")
-        elif name == MODELFILE:
-            target = re.search(r"^FROM \./(\S+)$", entry.read_text(), re.MULTILINE)
-            if target is None or not (export_dir / target.group(1)).is_file():
-                problems.append("the Modelfile names a GGUF that is not there")
-        elif name == REPORT_JSON:
-            report = json.loads(entry.read_text())
-            files = [check["file"] for check in report.get("files", {}).values()]
-            problems += [f"report.json names missing {file}" for file in files if not (export_dir / file).is_file()]
-        elif name != REPORT_MD:
-            problems.append(f"unexpected {name}")
-    return problems
 
 
 @family("crash-export")

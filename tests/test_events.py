@@ -80,5 +80,17 @@ def test_writer_keeps_writing_the_file_after_its_viewer_goes_away(tmp_path: Path
 
 def test_events_module_imports_only_the_standard_library() -> None:
     source = Path(events.__file__).read_text(encoding="utf-8")
-    imported = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
-    assert imported <= {"__future__", "dataclasses", "json", "os", "sys", "time", "collections", "pathlib", "typing"}
+    imported = {
+        line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))
+    }
+    assert imported <= {
+        "__future__",
+        "dataclasses",
+        "json",
+        "os",
+        "sys",
+        "time",
+        "collections",
+        "pathlib",
+        "typing",
+    }

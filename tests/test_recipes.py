@@ -16,7 +16,11 @@ def test_the_four_kinds_of_recipe_ship() -> None:
     methods = {load_recipe(path).train.method for path in SHIPPED}
     assert {"lora", "qlora", "full"} <= methods
     qlora = load_recipe(find_recipe("qlora-7b"))
-    assert (qlora.quant.quant_type, qlora.quant.double_quant, qlora.quant.compute_dtype) == ("nf4", True, "bfloat16")
+    assert (qlora.quant.quant_type, qlora.quant.double_quant, qlora.quant.compute_dtype) == (
+        "nf4",
+        True,
+        "bfloat16",
+    )
     assert qlora.train.optimizer.startswith("paged_adamw")
     assert qlora.lora.target_modules == "all-linear"
 
@@ -39,11 +43,14 @@ def _write(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("[train]\nlerning_rate = 1e-4\n", "unknown field `train.lerning_rate` (did you mean 'learning_rate'?)"),
+        (
+            "[train]\nlerning_rate = 1e-4\n",
+            "unknown field `train.lerning_rate` (did you mean 'learning_rate'?)",
+        ),
         ("[trian]\nepochs = 1\n", "unknown section or key `trian` (did you mean 'train'?)"),
-        ("[train]\nbatch_size = \"eight\"\n", "`train.batch_size` must be a whole number"),
+        ('[train]\nbatch_size = "eight"\n', "`train.batch_size` must be a whole number"),
         ("[train]\nbatch_size = 0\n", "`train.batch_size` must be greater than 0"),
-        ("[train]\nmethod = \"qlra\"\n", "`train.method` is 'qlra' (did you mean 'qlora'?)"),
+        ('[train]\nmethod = "qlra"\n', "`train.method` is 'qlra' (did you mean 'qlora'?)"),
         ("[lora]\ndropout = 1.5\n", "`lora.dropout` must be at least 0 and below 1"),
         ("[train]\nlearning_rate = 3\n", "`train.learning_rate` must be between 0 and 1"),
         ("[train\n", "is not valid TOML"),
@@ -59,11 +66,11 @@ def test_bad_recipes_name_the_file_and_the_field(tmp_path: Path, text: str, expe
 
 def test_overrides_apply_and_are_validated(tmp_path: Path) -> None:
     path = find_recipe("demo-cpu")
-    recipe = load_recipe(path, ["train.learning_rate=5e-4", "lora.r=8", "lora.target_modules=[\"q_proj\"]"])
+    recipe = load_recipe(path, ["train.learning_rate=5e-4", "lora.r=8", 'lora.target_modules=["q_proj"]'])
     assert (recipe.train.learning_rate, recipe.lora.r, recipe.lora.target_modules) == (5e-4, 8, ["q_proj"])
-    with pytest.raises(RecipeError, match="unknown field `lora.rank`"):
+    with pytest.raises(RecipeError, match=r"unknown field `lora\.rank`"):
         load_recipe(path, ["lora.rank=8"])
-    with pytest.raises(RecipeError, match="not of the form section.key=value"):
+    with pytest.raises(RecipeError, match=r"not of the form section\.key=value"):
         load_recipe(path, ["epochs"])
 
 

@@ -43,6 +43,7 @@ def test_opens_at_80x24_with_tabs_status_line_and_footer(tmp_path: Path, live_pi
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_for(pilot, lambda: app.shell_ready)
             await wait_for(pilot, lambda: app.query_one(StatusLine).run is not None)
+            await wait_for(pilot, lambda: "? Help" in screen_text(app))
             text = screen_text(app)
             assert "1 Dataset" in text and "2 Train" in text and "3 Chat" in text and "4 Export" in text
             assert str(tmp_path / "ws")[-20:] in text or "ws" in text

@@ -55,12 +55,24 @@ def test_latest_checkpoint_ignores_partial_folders(tmp_path: Path) -> None:
 
 def test_summary_statuses_follow_the_events() -> None:
     started = RunStarted(run_id="r", total_steps=10, pid=1)
-    steps = [Step(step=1, loss=2.0), Step(step=2, loss=1.0), Eval(step=2, eval_loss=1.2), CheckpointSaved(step=2, path="p")]
+    steps = [
+        Step(step=1, loss=2.0),
+        Step(step=2, loss=1.0),
+        Eval(step=2, eval_loss=1.2),
+        CheckpointSaved(step=2, path="p"),
+    ]
     running = summarize_events("r", [started, *steps], alive=True)
     assert (running.status, running.step, running.loss, running.eval_loss, running.last_checkpoint) == (
-        "running", 2, 1.0, 1.2, "p")
+        "running",
+        2,
+        1.0,
+        1.2,
+        "p",
+    )
     assert summarize_events("r", [started, *steps], alive=False).status == "interrupted"
-    failed = summarize_events("r", [started, RunFailed(title="t", cause="OOM at step 3.", next_step="smaller batch")])
+    failed = summarize_events(
+        "r", [started, RunFailed(title="t", cause="OOM at step 3.", next_step="smaller batch")]
+    )
     assert (failed.status, failed.cause, failed.next_step) == ("failed", "OOM at step 3.", "smaller batch")
     assert summarize_events("r", [started, RunFinished(status="stopped", step=2)]).status == "stopped"
     resumed = summarize_events("r", [started, RunFailed(title="t", cause="c"), started], alive=True)

@@ -77,23 +77,23 @@ class TunedeckApp(App[None]):
 
     def compose(self) -> ComposeResult:
         with TabbedContent(initial=self.initial_tab, id="tabs"):
-            for tab_id, title, _ in TABS:
-                yield TabPane(title, id=tab_id)
+            for tab_id, title, path in TABS:
+                with TabPane(title, id=tab_id):
+                    # Only the first tab is built now; the others (and their imports) on first show.
+                    if tab_id == self.initial_tab:
+                        yield _view_class(path)(id=f"{tab_id}-view")
         yield StatusLine(id="status-line")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.query_one(StatusLine).workspace = self.workspace.root
-        # The shell paints first; the tab's own widgets (and their imports) follow right after that frame.
-        self.call_after_refresh(self._open_first_tab)
-
-    async def _open_first_tab(self) -> None:
-        tab_id = self.query_one(TabbedContent).active or self.initial_tab
-        (await self.view(tab_id)).focus_default()
         self.shell_ready = True
+        self.call_after_refresh(self._focus_first_tab)
+
+    async def _focus_first_tab(self) -> None:
+        (await self.view(self.query_one(TabbedContent).active or self.initial_tab)).focus_default()
 
     # Tabs
-    # ------------------------------------------------------------------------------------------------------
 
     async def view(self, tab_id: str) -> TabView:
         """The view of `tab_id`, mounted (and composed) on first use."""
@@ -127,7 +127,6 @@ class TunedeckApp(App[None]):
         view.focus_default()
 
     # Cross-tab messages
-    # ----------------------------------------------------------------------------------------
 
     # Messages can still arrive while the app shuts down, so these handlers query rather than query_one.
 
@@ -151,7 +150,6 @@ class TunedeckApp(App[None]):
             view.post_message(RunsChanged(event.run_id))
 
     # Failures: every worker's error reaches this one handler
-    # ---------------------------------------------------
 
     @on(WorkerFailed)
     def _worker_failed(self, event: WorkerFailed) -> None:
@@ -181,7 +179,6 @@ class TunedeckApp(App[None]):
         self.exit()
 
     # Help and the command palette
-    # ------------------------------------------------------------------------------
 
     def action_help(self) -> None:
         """Show every key, per tab."""

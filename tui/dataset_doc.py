@@ -74,7 +74,6 @@ class DatasetDocument:
         return self.path.name
 
     # Editing
-    # ---------------------------------------------------------------------------------------------------
 
     def _commit(self, label: str, after: list[QAPair], focus_row: int) -> int:
         change = Change(label, tuple(self.pairs), tuple(after), focus_row)
@@ -135,7 +134,6 @@ class DatasetDocument:
         return change
 
     # Saving
-    # ----------------------------------------------------------------------------------------------------
 
     def snapshot(self) -> tuple[int, list[QAPair]]:
         """The current version and a copy of its pairs (for a save or lint worker)."""

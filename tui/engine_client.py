@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -24,7 +25,7 @@ from engine.events import Event, parse_event
 from engine.workspace import RUN_RECIPE_FILE, Workspace
 
 if TYPE_CHECKING:
-    pass
+    from tui.run_state import RunsIndex
 
 DEMO_MODEL = "demo"
 TUI_STATE_DIR = ".tunedeck"
@@ -71,9 +72,19 @@ class EngineClient:
         self._launcher = launcher
         self._renderers: dict[str, Any] = {}
         self._runs: Any = None
+        self._runs_lock = threading.Lock()
+
+    @property
+    def runs(self) -> RunsIndex:
+        """Followers of every run in the workspace, shared by the status line and the Train tab."""
+        with self._runs_lock:
+            if self._runs is None:
+                from tui.run_state import RunsIndex
+
+                self._runs = RunsIndex(self.workspace.runs_dir)
+            return self._runs
 
     # Folders
-    # ---------------------------------------------------------------------------------------------------
 
     @property
     def state_dir(self) -> Path:
@@ -131,7 +142,6 @@ class EngineClient:
         return DEMO_MODEL
 
     # Prompt rendering (pure engine.template; tokenizers and jinja2 only)
-    # ------------------------------------------
 
     def renderer(self, model_dir: Path | None) -> Any:
         """A cached engine.template.PromptRenderer for `model_dir`, or the ChatML one without a tokenizer."""
@@ -145,7 +155,6 @@ class EngineClient:
         return self._renderers[key]
 
     # Training runs (engine.launch is pure stdlib: it starts a detached trainer and returns)
-    # ----------------------
 
     @property
     def launcher(self) -> Any:
@@ -175,7 +184,6 @@ class EngineClient:
         self.launcher.stop_run(Path(run_dir))
 
     # Subprocesses
-    # ----------------------------------------------------------------------------------------------
 
     def module_argv(self, module: str, *args: str) -> list[str]:
         """The command that runs `python -m module args…` (or the test fake registered for that module)."""

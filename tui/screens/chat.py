@@ -150,7 +150,6 @@ class ChatView(TabView):
         self.query_one("#chat-input", Input).focus()
 
     # Sources
-    # ---------------------------------------------------------------------------------------------------
 
     def _saved_source(self) -> ChatSource | None:
         saved = self.prefs.get("chat_source")
@@ -238,7 +237,6 @@ class ChatView(TabView):
         self.app.push_screen(PickScreen("Chat with", options, current), picked)
 
     # Engine process
-    # --------------------------------------------------------------------------------------------
 
     def _start_engine(self) -> None:
         if self.source is None:
@@ -339,7 +337,6 @@ class ChatView(TabView):
         self._set_state("stopped" if not was_failed else "failed")
 
     # Conversation
-    # ----------------------------------------------------------------------------------------------
 
     @on(Input.Submitted, "#chat-input")
     async def _submitted(self, event: Input.Submitted) -> None:
@@ -486,7 +483,6 @@ class ChatView(TabView):
         self._update_bar()
 
     # Drawing
-    # ---------------------------------------------------------------------------------------------------
 
     def _note(self, text: str) -> None:
         self.query_one("#chat-log", VerticalScroll).mount(ChatMessage("note", text))

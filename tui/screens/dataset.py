@@ -167,7 +167,6 @@ class DatasetView(TabView):
         self.query_one("#ds-table", DataTable).focus()
 
     # Dataset list
-    # ----------------------------------------------------------------------------------------------
 
     def _refresh_dataset_list(self, select: str | None = None) -> None:
         options = self.query_one("#ds-list", OptionList)
@@ -221,7 +220,6 @@ class DatasetView(TabView):
             )
 
     # Table
-    # -----------------------------------------------------------------------------------------------------
 
     def _matches(self, pair: QAPair) -> bool:
         needle = self.filter_text.casefold()
@@ -329,7 +327,6 @@ class DatasetView(TabView):
         self._render_preview(self.document.pairs[row])
 
     # Lints and token counts (off the UI thread)
-    # ----------------------------------------------------------------
 
     @property
     def max_tokens(self) -> int:
@@ -399,7 +396,6 @@ class DatasetView(TabView):
         )
 
     # Rendered training prompt
-    # ----------------------------------------------------------------------------------
 
     def _render_preview(self, pair: QAPair) -> None:
         if not self.query_one("#ds-preview").display:
@@ -436,7 +432,6 @@ class DatasetView(TabView):
             self.query_one("#ds-prompt", Static).update(event.text)
 
     # Editing
-    # ---------------------------------------------------------------------------------------------------
 
     def _editable(self, then) -> bool:
         """True when edits may proceed; a file with unreadable lines asks first, then runs `then`."""
@@ -577,7 +572,6 @@ class DatasetView(TabView):
         self._committed(change.focus_row, structural=True)
 
     # Autosave
-    # --------------------------------------------------------------------------------------------------
 
     def _save(self) -> None:
         if self.document is not None:
@@ -605,7 +599,6 @@ class DatasetView(TabView):
             self._load(self.document.path)
 
     # Filter
-    # ----------------------------------------------------------------------------------------------------
 
     def action_filter(self) -> None:
         """Show the filter field."""
@@ -630,7 +623,6 @@ class DatasetView(TabView):
             self.query_one("#ds-table").focus()
 
     # Files: new, import, export
-    # --------------------------------------------------------------------------------
 
     def action_new_dataset(self) -> None:
         """Create an empty dataset in datasets/."""
@@ -732,7 +724,6 @@ class DatasetView(TabView):
         self.app.call_from_thread(self.notify, f"Wrote {len(pairs)} pairs to {path}.", title="Exported")
 
     # Tokenizer and limit
-    # ---------------------------------------------------------------------------------------
 
     def action_pick_model(self) -> None:
         """Choose the base model whose tokenizer and chat template count and render rows."""

@@ -247,7 +247,6 @@ class TrainView(TabView):
         self.query_one("#runs-table", DataTable).focus()
 
     # Polling
-    # ---------------------------------------------------------------------------------------------------
 
     @work(thread=True, exclusive=True, group="train-follow", exit_on_error=False)
     def _follow(self) -> None:
@@ -333,7 +332,6 @@ class TrainView(TabView):
         self.open_run(event.run_id)
 
     # Actions
-    # ---------------------------------------------------------------------------------------------------
 
     @property
     def opened(self) -> RunSnapshot | None:

@@ -1,0 +1,162 @@
+"""The SSH drop: the terminal running tunedeck dies mid-run (tmux session killed, or SIGHUP to the TUI, as sshd
+sends when a connection drops); the detached trainer keeps training, and a new TUI shows the whole run again.
+
+tests/test_tui_tmux.py covers quitting the TUI politely (ctrl+q); these tests kill its terminal instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("crashkit")
+
+from crashkit.plugin import Trials, family  # noqa: E402
+from crashkit.tuikit import REPO_ROOT, Tmux  # noqa: E402
+from engine.events import Step, read_events  # noqa: E402
+from engine.launch import stop_run, wait_run  # noqa: E402
+from engine.workspace import Workspace, pid_alive  # noqa: E402
+
+pytest_plugins = ["crashkit.plugin", "crashkit.fixtures"]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed"),
+]
+
+LONG_STEPS = 4000
+LONG_NAME = "tiny_long"  # sorts after tiny.toml, so End picks it in the recipe list
+LONG_SLUG = "tiny-long"
+
+
+def long_recipe(workspace: Workspace) -> None:
+    """recipes/tiny_long.toml: the tiny recipe, far longer than the test watches it."""
+    text = (workspace.root / "recipes" / "tiny.toml").read_text()
+    text = re.sub(r"(?m)^epochs = .*$", f"epochs = {LONG_STEPS}", text)
+    text = re.sub(r"(?m)^save_steps = .*$", "save_steps = 25", text)
+    text = re.sub(r"(?m)^name = .*$", f'name = "{LONG_NAME}"', text)
+    (workspace.root / "recipes" / f"{LONG_NAME}.toml").write_text(text)
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    return [event.step for event in read_events(run_dir / "events.jsonl") if isinstance(event, Step)]
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def assert_keeps_training(run_dir: Path, trainer_pid: int) -> int:
+    """The trainer is alive and events.jsonl grows by new steps; returns the newest step."""
+    assert pid_alive(trainer_pid), "the trainer died with the terminal"
+    size, newest = (run_dir / "events.jsonl").stat().st_size, max(steps_logged(run_dir))
+    wait_until(lambda: max(steps_logged(run_dir)) >= newest + 3, 60, "three more steps after the drop")
+    assert (run_dir / "events.jsonl").stat().st_size > size and pid_alive(trainer_pid)
+    return max(steps_logged(run_dir))
+
+
+def reattach_and_check(tmux: Tmux, session: str, workspace: Workspace, run_dir: Path, seen: int) -> int:
+    """A new TUI lists the run as running and draws its progress and its loss curve from step 1."""
+    tmux.start(session, tmux.tui_command(workspace.root))
+    tmux.wait_for(session, r"1 Dataset")
+    tmux.keys(session, "2")
+    tmux.wait_for(session, r"Runs \(1\)")
+    tmux.wait_for(session, rf"▶ {re.escape(run_dir.name)} running")
+    shown = int(tmux.wait_for(session, rf"(\d+)/{LONG_STEPS}").group(1))
+    assert shown >= seen
+    screen = tmux.screen(session)
+    assert "┤" in screen and "step 1" in screen, f"the loss plot starts at step 1:\n{screen}"
+    return shown
+
+
+@family("ssh-drop")
+def test_killing_the_tuis_terminal_or_sighup_leaves_training_running_and_reattachable(
+    tiny_workspace: Workspace, tmp_path: Path, trials: Trials
+) -> None:
+    long_recipe(tiny_workspace)
+    tmux = Tmux(f"tunedeck-drop-{os.getpid()}", tmp_path)
+    run_dirs: list[Path] = []
+    try:
+        tmux.start("first", tmux.tui_command(tiny_workspace.root))
+        tmux.wait_for("first", r"1 Dataset")
+        tmux.keys("first", "2")
+        tmux.wait_for("first", r"Runs")
+        tmux.keys("first", "n")
+        tmux.wait_for("first", r"New training run")
+        time.sleep(0.5)
+        tmux.keys("first", "Enter")
+        tmux.wait_for("first", r"qlora-7b")  # the recipe list is open
+        tmux.keys("first", "End", "Enter")
+        tmux.wait_for("first", rf"recipe\s+{LONG_NAME}")
+        tmux.keys("first", "C-s")
+        tmux.wait_for("first", rf"{LONG_SLUG} running", timeout=60)
+        seen = int(tmux.wait_for("first", rf"([1-9]\d*)/{LONG_STEPS}", timeout=180).group(1))
+        run_dirs += tiny_workspace.list_run_dirs()
+        assert len(run_dirs) == 1
+        run_dir = run_dirs[0]
+        trainer = int((run_dir / "pid").read_text())
+
+        # Drop 1: the terminal disappears (tmux hangs up the pane, as sshd does when the connection drops).
+        tui = tmux.pane_pid("first")
+        tmux("kill-session", "-t", "first")
+        wait_until(lambda: not pid_alive(tui), 15, "the TUI to exit with its terminal")
+        seen = assert_keeps_training(run_dir, trainer)
+        seen = reattach_and_check(tmux, "second", tiny_workspace, run_dir, seen)
+        trials.case()
+
+        # Drop 2: SIGHUP straight to the TUI process, its terminal left in place.
+        tui = tmux.pane_pid("second")
+        os.kill(tui, signal.SIGHUP)
+        wait_until(lambda: not pid_alive(tui), 15, "the TUI to exit on SIGHUP")
+        seen = assert_keeps_training(run_dir, trainer)
+        reattach_and_check(tmux, "third", tiny_workspace, run_dir, seen)
+        trials.case()
+
+        steps = steps_logged(run_dir)
+        assert steps == list(range(1, len(steps) + 1)), "the run was never interrupted: one unbroken step sequence"
+    finally:
+        tmux.kill_server()
+        for run_dir in run_dirs:
+            stop_run(run_dir)
+            wait_run(run_dir, timeout=60)
+
+
+@family("ssh-drop")
+def test_killing_the_terminal_of_train_wait_detaches_and_training_goes_on(
+    tiny_workspace: Workspace, tmp_path: Path, trials: Trials
+) -> None:
+    long_recipe(tiny_workspace)
+    tmux = Tmux(f"tunedeck-drop-cli-{os.getpid()}", tmp_path)
+    run_dirs: list[Path] = []
+    command = (
+        f"env PYTHONPATH={REPO_ROOT} {sys.executable} -m engine.cli --workspace {tiny_workspace.root} "
+        f"train {LONG_NAME} --wait"
+    )
+    try:
+        tmux.start("cli", command)
+        wait_until(lambda: tiny_workspace.list_run_dirs(), 60, "the run folder")
+        run_dirs += tiny_workspace.list_run_dirs()
+        run_dir = run_dirs[0]
+        wait_until(lambda: (run_dir / "events.jsonl").exists() and steps_logged(run_dir), 180, "the first step")
+        tmux.wait_for("cli", rf"step [1-9]\d*/{LONG_STEPS}", timeout=60)  # the progress line is up
+        waiter = tmux.pane_pid("cli")
+        trainer = int((run_dir / "pid").read_text())
+        tmux("kill-session", "-t", "cli")
+        wait_until(lambda: not pid_alive(waiter), 15, "`tunedeck train --wait` to exit with its terminal")
+        assert_keeps_training(run_dir, trainer)
+        trials.case()
+    finally:
+        tmux.kill_server()
+        for run_dir in run_dirs:
+            stop_run(run_dir)
+            wait_run(run_dir, timeout=60)
