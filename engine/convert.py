@@ -326,7 +326,7 @@ def convert_to_gguf(
     out_file = Path(out_file)
     temp = temp_sibling(out_file)
     arch = model_architecture(model_dir)
-    command = [python or sys.executable, "-m", "engine.convert", "launch", str(converter.script)]
+    command = [python or sys.executable, "-P", "-m", "engine.convert", "launch", str(converter.script)]
     if tokenizer is not None and tokenizer.needs_byte_level_fallback:
         command += ["--byte-level-bpe"]
     command += ["--", str(model_dir), "--outfile", str(temp), "--outtype", outtype]

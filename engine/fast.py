@@ -736,6 +736,8 @@ class FastOptions:
     offload_checkpoints: bool = False
     # Recompute through the reentrant checkpoint function (fewer hooks); False uses torch's hook-based one.
     reentrant_checkpoint: bool = True
+    # Add the residual inside the o_proj / down_proj node (saves a pass over the hidden states).
+    fuse_residual: bool = True
 
 
 class FlatParameters:
@@ -905,14 +907,19 @@ class PackedCausalLM:
         q, k = self.kernels.rope(q, k, cos, sin)
         scale = float(getattr(attn, "scaling", self.head_dim**-0.5))
         attended = packed_attention(q, k, v, batch, scale).reshape(tokens, -1)
-        hidden = linear(attn.o_proj, attended, fused, residual=hidden, low=low, parts_cache=pc)
+        if self.options.fuse_residual:
+            hidden = linear(attn.o_proj, attended, fused, residual=hidden, low=low, parts_cache=pc)
+        else:
+            hidden = hidden + linear(attn.o_proj, attended, fused, low=low, parts_cache=pc)
         x = self.kernels.rms_norm(layer.post_attention_layernorm, hidden)
         mlp = layer.mlp
         act = self.kernels.swiglu(
             linear(mlp.gate_proj, x, fused, low=low, parts_cache=pc),
             linear(mlp.up_proj, x, fused, low=low, parts_cache=pc),
         )
-        return linear(mlp.down_proj, act, fused, residual=hidden, low=low, parts_cache=pc)
+        if self.options.fuse_residual:
+            return linear(mlp.down_proj, act, fused, residual=hidden, low=low, parts_cache=pc)
+        return hidden + linear(mlp.down_proj, act, fused, low=low, parts_cache=pc)
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         """Final-norm hidden states of every packed token, (tokens, hidden)."""

@@ -214,7 +214,7 @@ def _reap() -> None:
 
 def train_command(run_dir: Path, *, resume: bool = False) -> list[str]:
     """The command line of the trainer process for a run folder."""
-    return [sys.executable, "-m", TRAIN_MODULE, "--run-dir", str(run_dir), *(["--resume"] if resume else [])]
+    return [sys.executable, "-P", "-m", TRAIN_MODULE, "--run-dir", str(run_dir), *(["--resume"] if resume else [])]
 
 
 def _child_env(run_dir: Path) -> dict[str, str]:

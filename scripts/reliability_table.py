@@ -79,7 +79,9 @@ def stale_rows(summary: dict[str, Any], doc_text: str) -> list[str]:
     problems = []
     for key, cells in table_rows(summary).items():
         if documented.get(key) != cells:
-            problems.append(f"{cells[0]}: measured {cells[1:]}, documented {documented.get(key, ('missing',))[1:]}")
+            problems.append(
+                f"{cells[0]}: measured {cells[1:]}, documented {documented.get(key, ('missing',))[1:]}"
+            )
     return problems
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ pytest.register_assert_rewrite("crashkit")
 from crashkit.fixtures import CHAIN_TRIALS  # noqa: E402
 from crashkit.harness import KillChain, Zygote, export_problems, leftover_problems  # noqa: E402
 from crashkit.plugin import Trials, family  # noqa: E402
+
 from engine.dataset import QAPair, dumps_pairs, load_pairs, save_pairs  # noqa: E402
 
 pytest_plugins = ["crashkit.plugin", "crashkit.fixtures"]
@@ -31,7 +31,10 @@ DATASET_ROUNDS = 12
 
 
 def _pairs(count: int, tag: str) -> list[QAPair]:
-    return [QAPair(f"{tag} question {i}: what is {i} squared?", f"{tag} answer: {i * i}. " * 12) for i in range(count)]
+    return [
+        QAPair(f"{tag} question {i}: what is {i} squared?", f"{tag} answer: {i * i}. " * 12)
+        for i in range(count)
+    ]
 
 
 @family("crash-dataset")
@@ -70,7 +73,9 @@ def test_sigkill_during_dataset_save_leaves_the_old_or_the_new_file(
         outcomes.append((kill, result.killed, found, leftover_problems(folder, {dataset.name})))
     lost = [outcome for outcome in outcomes if outcome[2] is None]
     assert not lost, f"a kill left a file that is neither version: {lost}"
-    assert not [outcome for outcome in outcomes if outcome[3]], "only temp names may be left beside the dataset"
+    assert not [outcome for outcome in outcomes if outcome[3]], (
+        "only temp names may be left beside the dataset"
+    )
     assert sum(killed for _, killed, _, _ in outcomes) >= DATASET_TRIALS - 2, outcomes
     assert {found for _, _, found, _ in outcomes} == {"old", "new"}, "kills landed before and after a rename"
 
@@ -84,13 +89,19 @@ def test_sigkill_during_checkpoint_writes_leaves_only_complete_checkpoints(
         trials.case()
         if trial.lost:
             trials.lost()
-    assert [trial.lost for trial in chain.trials if trial.lost] == [], "an earlier checkpoint or run file changed"
+    assert [trial.lost for trial in chain.trials if trial.lost] == [], (
+        "an earlier checkpoint or run file changed"
+    )
     assert [(trial.kill, trial.problems) for trial in chain.trials if trial.problems] == []
-    assert all(trial.killed for trial in chain.trials), [trial.kill for trial in chain.trials if not trial.killed]
+    assert all(trial.killed for trial in chain.trials), [
+        trial.kill for trial in chain.trials if not trial.killed
+    ]
     assert len(chain.trials) == CHAIN_TRIALS
     progress = [len(trial.checkpoints_after) for trial in chain.trials]
     assert progress == sorted(progress) and progress[-1] >= 4, f"the chain made no progress: {progress}"
-    assert sum(trial.resumed for trial in chain.trials) >= CHAIN_TRIALS - 2, "most attempts resumed a checkpoint"
+    assert sum(trial.resumed for trial in chain.trials) >= CHAIN_TRIALS - 2, (
+        "most attempts resumed a checkpoint"
+    )
 
 
 EXPORT_TRIALS = 12
@@ -104,7 +115,16 @@ def test_sigkill_during_export_leaves_nothing_half_written_under_a_final_name(
     from engine.export import REPORT_JSON, partial_files
 
     out = tmp_path / "export"
-    argv = ["--run-dir", str(tiny_run_dir), "--out", str(out), "--no-parity", "--quant", EXPORT_QUANTS, "--force"]
+    argv = [
+        "--run-dir",
+        str(tiny_run_dir),
+        "--out",
+        str(out),
+        "--no-parity",
+        "--quant",
+        EXPORT_QUANTS,
+        "--force",
+    ]
     dry = ml_zygote.trial("engine.export:main", argv, watch=out)
     assert dry.code == 0 and (out / REPORT_JSON).is_file(), dry
     assert export_problems(out) == []

@@ -27,6 +27,7 @@ from crashkit.fixtures import CHAIN_MAX_STEPS  # noqa: E402
 from crashkit.harness import KillChain, Zygote, checkpoint_problems, tree_digest  # noqa: E402
 from crashkit.plugin import Trials, family  # noqa: E402
 from crashkit.tuikit import notifications, train_detail_text, wait_for  # noqa: E402
+
 from engine.events import CheckpointSaved, RunFailed, RunFinished, RunStarted, Step, read_events  # noqa: E402
 from engine.launch import prepare_run  # noqa: E402
 from engine.workspace import Workspace, checkpoint_dirs, checkpoint_step, latest_checkpoint, summarize_run  # noqa: E402
@@ -41,7 +42,9 @@ def tunedeck(workspace: Workspace, *args: str, timeout: float = 600) -> subproce
     """The `tunedeck` command as a user types it."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     command = [sys.executable, "-m", "engine.cli", "--workspace", str(workspace.root), *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=workspace.root, timeout=timeout)
+    return subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=workspace.root, timeout=timeout
+    )
 
 
 def attempts(events: list) -> list[tuple[int, list[Step]]]:
@@ -83,14 +86,22 @@ def test_cli_resume_after_repeated_kills_continues_one_loss_curve_and_overwrites
     assert runs[-1][0] == resume_from, "the CLI resumed from the newest complete checkpoint"
     for resumed_from, steps in runs:
         numbers = [step.step for step in steps]
-        assert numbers == list(range(resumed_from + 1, resumed_from + 1 + len(numbers))), (resumed_from, numbers)
+        assert numbers == list(range(resumed_from + 1, resumed_from + 1 + len(numbers))), (
+            resumed_from,
+            numbers,
+        )
     assert [step.step for step in runs[-1][1]] == list(range(resume_from + 1, CHAIN_MAX_STEPS + 1))
     assert sorted(curve(events)) == list(range(1, CHAIN_MAX_STEPS + 1))
     # Nothing written before the resume changed; every checkpoint the resume wrote is complete.
     assert {name: tree_digest(run_dir / "checkpoints" / name) for name in kept} == kept
     names = [path.name for path in checkpoint_dirs(run_dir)]
     assert names == [f"step_{step}" for step in range(1, CHAIN_MAX_STEPS + 1)]
-    assert [problem for name in names if name not in kept for problem in checkpoint_problems(run_dir / "checkpoints" / name)] == []
+    assert [
+        problem
+        for name in names
+        if name not in kept
+        for problem in checkpoint_problems(run_dir / "checkpoints" / name)
+    ] == []
     saved = [event.step for event in events if isinstance(event, CheckpointSaved)]
     assert len(saved) == len(set(saved)), "no checkpoint was saved twice"
 
@@ -141,9 +152,13 @@ def test_resume_with_a_changed_recipe_or_dataset_is_refused_with_the_difference(
     _fake_interrupted_history(run_dir, _dead_pid())
     before = tree_digest(run_dir)
 
-    changed_recipe = tunedeck(tiny_workspace, "train", "--resume", run_dir.name, "train.epochs=99", "lora.r=4")
+    changed_recipe = tunedeck(
+        tiny_workspace, "train", "--resume", run_dir.name, "train.epochs=99", "lora.r=4"
+    )
     assert changed_recipe.returncode == 2 and "Traceback" not in changed_recipe.stderr
-    assert f"Cannot resume: The recipe of run {run_dir.name} changed since it started" in changed_recipe.stderr
+    assert (
+        f"Cannot resume: The recipe of run {run_dir.name} changed since it started" in changed_recipe.stderr
+    )
     assert "lora.r: 8 → 4; train.epochs: 80.0 → 99.0" in changed_recipe.stderr
     assert "→ Undo the change to resume, or start a new run" in changed_recipe.stderr
     trials.case()
@@ -154,7 +169,10 @@ def test_resume_with_a_changed_recipe_or_dataset_is_refused_with_the_difference(
         handle.write(json.dumps({"question": "And this?", "answer": "Also new."}) + "\n")
     changed_data = tunedeck(tiny_workspace, "train", "--resume", run_dir.name)
     assert changed_data.returncode == 2 and "Traceback" not in changed_data.stderr
-    assert "The dataset tiny_qa.jsonl changed since run" in changed_data.stderr and "6 → 8 rows" in changed_data.stderr
+    assert (
+        "The dataset tiny_qa.jsonl changed since run" in changed_data.stderr
+        and "6 → 8 rows" in changed_data.stderr
+    )
     assert "→ Restore the original file to resume" in changed_data.stderr
     trials.case()
 
@@ -220,7 +238,9 @@ def test_oom_and_a_vanished_model_fail_within_five_seconds_and_the_train_tab_mar
         app = create_app(engine=EngineClient(tiny_workspace), initial_tab="train")
         async with app.run_test(size=(80, 24)) as pilot:
             view = app.query_one(TrainView)
-            await wait_for(pilot, lambda: set(view.snapshots) == {oom_run.name, gone_run.name}, what="both runs")
+            await wait_for(
+                pilot, lambda: set(view.snapshots) == {oom_run.name, gone_run.name}, what="both runs"
+            )
             view.open_run(oom_run.name)
             # The trainers run while the tab watches, as they would in a real session.
             await asyncio.to_thread(run_trainers)
@@ -230,11 +250,16 @@ def test_oom_and_a_vanished_model_fail_within_five_seconds_and_the_train_tab_mar
             assert "→ Lower train.batch_size or data.max_length" in text and "train.log" in text
             await wait_for(
                 pilot,
-                lambda: view.snapshots.get(gone_run.name) and view.snapshots[gone_run.name].status == "failed",
+                lambda: (
+                    view.snapshots.get(gone_run.name) and view.snapshots[gone_run.name].status == "failed"
+                ),
                 what="the list to mark the vanished-model run failed",
             )
             view.open_run(gone_run.name)
-            await wait_for(pilot, lambda: app.query_one("#run-problem").display and "Model problem" in train_detail_text(app))
+            await wait_for(
+                pilot,
+                lambda: app.query_one("#run-problem").display and "Model problem" in train_detail_text(app),
+            )
             text = train_detail_text(app)
             assert f"The model folder {moved} does not exist." in text and "→ Set model.base" in text
             assert "running" not in text and "interrupted" not in text

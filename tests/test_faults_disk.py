@@ -21,6 +21,7 @@ pytest.register_assert_rewrite("crashkit")
 
 from crashkit.harness import Zygote, checkpoint_problems, export_problems, tree_digest  # noqa: E402
 from crashkit.plugin import Trials, family  # noqa: E402
+
 from engine.dataset import QAPair, dumps_pairs, save_pairs  # noqa: E402
 from engine.errors import DiskFullError  # noqa: E402
 from engine.events import Event, Progress, RunFailed, RunFinished, parse_event, read_events  # noqa: E402
@@ -40,7 +41,9 @@ def _mount(point: Path, size: str) -> None:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root; disk-full tests run where the CI user may mount")
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(point)], capture_output=True, text=True
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(point)],
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0:
         pytest.skip(f"mounting a tmpfs was refused here ({result.stderr.strip()}); disk-full tests need it")
@@ -165,13 +168,15 @@ def test_checkpoint_on_a_full_disk_keeps_earlier_checkpoints_and_resumes_once_th
     assert resumed.code == 0
     events = read_events(run_dir / "events.jsonl")
     assert isinstance(events[-1], RunFinished) and events[-1].step == 20
-    assert {name: tree_digest(run_dir / "checkpoints" / name) for name in full_run.digests} == full_run.digests
+    assert {
+        name: tree_digest(run_dir / "checkpoints" / name) for name in full_run.digests
+    } == full_run.digests
     assert latest_checkpoint(run_dir).name == "step_20"
     trials.case()
 
 
 @family("disk-full")
-@pytest.mark.xfail(strict=True, reason=KNOWN_BUG)
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_BUG)
 def test_checkpoint_on_a_full_disk_says_the_disk_is_full(full_run: FullRun, trials: Trials) -> None:
     failed = full_run.failed
     assert _says_disk_full(failed.title, failed.cause, failed.next_step), failed
@@ -199,7 +204,9 @@ def _used(folder: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def full_exports(tiny_run_dir: Path, tmp_path_factory: pytest.TempPathFactory, ml_zygote: Zygote) -> Iterator[list[FullExport]]:
+def full_exports(
+    tiny_run_dir: Path, tmp_path_factory: pytest.TempPathFactory, ml_zygote: Zygote
+) -> Iterator[list[FullExport]]:
     """Exports of the tiny run into tmpfs folders that fill up in merge, convert and quantize (sizes are fractions
     of what a complete export took), each then given room and exported again."""
     base = tmp_path_factory.mktemp("disk-export")
@@ -220,7 +227,11 @@ def full_exports(tiny_run_dir: Path, tmp_path_factory: pytest.TempPathFactory, m
             code, events = _export(ml_zygote, tiny_run_dir, out, log, TUNEDECK_FREE_DISK_BYTES=str(10**12))
             stages = [event.stage for event in events if isinstance(event, Progress)]
             failed = events[-1] if events and isinstance(events[-1], RunFailed) else None
-            found.append(FullExport(stages[-1] if stages else "", failed, export_problems(out) if code else ["it finished"]))
+            found.append(
+                FullExport(
+                    stages[-1] if stages else "", failed, export_problems(out) if code else ["it finished"]
+                )
+            )
             _resize(points[-1], ROOMY)
             again, _ = _export(ml_zygote, tiny_run_dir, out, log)
             assert again == 0 and (out / "report.json").is_file(), "with room again, the export finishes"
@@ -242,9 +253,12 @@ def test_export_on_a_full_disk_fails_with_run_failed_and_nothing_broken_under_a_
 
 
 @family("disk-full")
-@pytest.mark.xfail(strict=True, reason=KNOWN_BUG)
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_BUG)
 def test_export_on_a_full_disk_says_the_disk_is_full(full_exports: list[FullExport], trials: Trials) -> None:
     trials.case(len(full_exports))
-    wrong = [(e.stage, e.failed) for e in full_exports if not _says_disk_full(e.failed.title, e.failed.cause, e.failed.next_step)]
+    wrong = [
+        (e.stage, e.failed)
+        for e in full_exports
+        if not _says_disk_full(e.failed.title, e.failed.cause, e.failed.next_step)
+    ]
     assert wrong == []
-

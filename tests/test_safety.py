@@ -21,6 +21,7 @@ pytest.register_assert_rewrite("crashkit")
 
 from crashkit.plugin import Trials, family  # noqa: E402
 from crashkit.tuikit import notifications, wait_for  # noqa: E402
+
 from engine.errors import ModelError  # noqa: E402
 from engine.workspace import Workspace  # noqa: E402
 
@@ -29,12 +30,33 @@ pytest_plugins = ["crashkit.plugin", "crashkit.fixtures"]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted([*(REPO_ROOT / "engine").rglob("*.py"), *(REPO_ROOT / "tui").rglob("*.py")])
 
-SHELL_FUNCTIONS = ("os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput",
-                   "create_subprocess_shell", "pty.spawn")
-PROCESS_FUNCTIONS = ("subprocess.run", "subprocess.Popen", "subprocess.call", "subprocess.check_call",
-                     "subprocess.check_output", "create_subprocess_exec")
-UNPICKLERS = ("pickle.load", "pickle.loads", "dill.load", "dill.loads", "cloudpickle.load", "joblib.load",
-              "marshal.load", "marshal.loads", "shelve.open")
+SHELL_FUNCTIONS = (
+    "os.system",
+    "os.popen",
+    "subprocess.getoutput",
+    "subprocess.getstatusoutput",
+    "create_subprocess_shell",
+    "pty.spawn",
+)
+PROCESS_FUNCTIONS = (
+    "subprocess.run",
+    "subprocess.Popen",
+    "subprocess.call",
+    "subprocess.check_call",
+    "subprocess.check_output",
+    "create_subprocess_exec",
+)
+UNPICKLERS = (
+    "pickle.load",
+    "pickle.loads",
+    "dill.load",
+    "dill.loads",
+    "cloudpickle.load",
+    "joblib.load",
+    "marshal.load",
+    "marshal.loads",
+    "shelve.open",
+)
 
 
 def dotted(node: ast.AST) -> str:
@@ -75,7 +97,9 @@ class Scanner(ast.NodeVisitor):
         for function in self.functions:
             args = function.args
             positional = args.posonlyargs + args.args
-            for arg, default in zip(positional[len(positional) - len(args.defaults):], args.defaults, strict=True):
+            for arg, default in zip(
+                positional[len(positional) - len(args.defaults) :], args.defaults, strict=True
+            ):
                 if _is_const(default, False):
                     names.add(arg.arg)
             for arg, default in zip(args.kwonlyargs, args.kw_defaults, strict=True):
@@ -88,7 +112,13 @@ class Scanner(ast.NodeVisitor):
         found: dict[str, ast.Dict] = {}
         if self.functions:
             for node in ast.walk(self.functions[-1]):
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+                targets = (
+                    node.targets
+                    if isinstance(node, ast.Assign)
+                    else [node.target]
+                    if isinstance(node, ast.AnnAssign)
+                    else []
+                )
                 if isinstance(getattr(node, "value", None), ast.Dict):
                     for target in targets:
                         if isinstance(target, ast.Name):
@@ -122,7 +152,11 @@ class Scanner(ast.NodeVisitor):
             self.flag(node, "shell=True")
         if name.endswith(SHELL_FUNCTIONS):
             self.flag(node, f"{name} runs a shell")
-        if name.endswith(PROCESS_FUNCTIONS) and node.args and isinstance(node.args[0], (ast.Constant, ast.JoinedStr, ast.BinOp)):
+        if (
+            name.endswith(PROCESS_FUNCTIONS)
+            and node.args
+            and isinstance(node.args[0], (ast.Constant, ast.JoinedStr, ast.BinOp))
+        ):
             self.flag(node, f"{name} with a command string instead of an argument list")
         if isinstance(node.func, ast.Name) and node.func.id in ("eval", "exec"):
             self.flag(node, f"{node.func.id}() of a string")
@@ -134,9 +168,13 @@ class Scanner(ast.NodeVisitor):
             self.flag(node, "numpy.load(allow_pickle=True)")
         if "trust_remote_code" in keywords and not self._remote_code_ok(keywords["trust_remote_code"]):
             self.flag(node, "trust_remote_code not tied to the recipe's opt-in (default False)")
-        if name.endswith(".from_pretrained") and ("ForCausalLM" in name or name.startswith("AutoModel")):
-            if not (_is_const(keywords.get("use_safetensors"), True) or "gguf_file" in keywords):
-                self.flag(node, f"{name} without use_safetensors=True")
+        loads_weights = name.endswith(".from_pretrained") and (
+            "ForCausalLM" in name or name.startswith("AutoModel")
+        )
+        if loads_weights and not (
+            _is_const(keywords.get("use_safetensors"), True) or "gguf_file" in keywords
+        ):
+            self.flag(node, f"{name} without use_safetensors=True")
         self.generic_visit(node)
 
 
@@ -147,7 +185,7 @@ def scan(source: str, name: str = "<source>") -> list[str]:
     return scanner.violations
 
 
-PLANTED = '''
+PLANTED = """
 import os, subprocess, pickle, torch
 from transformers import AutoModelForCausalLM
 def bad(user, flag=True):
@@ -164,18 +202,32 @@ def fine(user, remote=False):
     kwargs = {"use_safetensors": True, "trust_remote_code": remote}
     AutoModelForCausalLM.from_pretrained(user, **kwargs)
     model.eval()
-'''
+"""
 
 
 @family("safety")
 def test_engine_and_tui_use_no_shell_no_pickles_and_no_unasked_remote_code(trials: Trials) -> None:
     found = scan(PLANTED)
-    rules = ["runs a shell", "shell=True", "command string", "eval()", "unpickles", "weights_only=True",
-             "trust_remote_code", "use_safetensors=True"]
+    rules = [
+        "runs a shell",
+        "shell=True",
+        "command string",
+        "eval()",
+        "unpickles",
+        "weights_only=True",
+        "trust_remote_code",
+        "use_safetensors=True",
+    ]
     assert all(any(rule in violation for violation in found) for rule in rules), found
-    assert not any(f":{line}:" in v for v in found for line in range(13, 19)), "the fine() half is not flagged"
+    assert not any(f":{line}:" in v for v in found for line in range(13, 19)), (
+        "the fine() half is not flagged"
+    )
     assert len(SOURCES) > 30
-    violations = [v for path in SOURCES for v in scan(path.read_text(encoding="utf-8"), str(path.relative_to(REPO_ROOT)))]
+    violations = [
+        v
+        for path in SOURCES
+        for v in scan(path.read_text(encoding="utf-8"), str(path.relative_to(REPO_ROOT)))
+    ]
     assert violations == []
     trials.case(len(rules))
 
@@ -200,7 +252,9 @@ def hostile_pickle(path: Path, marker: Path) -> None:
 
 
 @family("safety")
-def test_pickled_weights_are_refused_or_never_unpickled(tiny_model_dir: Path, tmp_path: Path, trials: Trials) -> None:
+def test_pickled_weights_are_refused_or_never_unpickled(
+    tiny_model_dir: Path, tmp_path: Path, trials: Trials
+) -> None:
     from engine.modeling import check_model_folder, load_for_inference
 
     marker = tmp_path / "pickle-ran"
@@ -217,28 +271,36 @@ def test_pickled_weights_are_refused_or_never_unpickled(tiny_model_dir: Path, tm
     shutil.copytree(tiny_model_dir, base)
     (base / "model.safetensors").unlink()
     hostile_pickle(base / "pytorch_model.bin", marker)
-    with pytest.raises(ModelError, match="no .safetensors weights"):
+    with pytest.raises(ModelError, match=r"no \.safetensors weights"):
         check_model_folder(base)
-    with pytest.raises(ModelError, match="no .safetensors weights"):
+    with pytest.raises(ModelError, match=r"no \.safetensors weights"):
         load_for_inference(str(base), device="cpu")
     trials.case()
 
     # A full fine-tuning checkpoint that holds only a pickle.
     full = tmp_path / "pickled-checkpoint"
     shutil.copytree(base, full)
-    with pytest.raises(ModelError, match="no .safetensors weights"):
+    with pytest.raises(ModelError, match=r"no \.safetensors weights"):
         load_for_inference(None, adapter_dir=full, device="cpu")
     trials.case()
 
     # A LoRA adapter folder whose weights are a pickle (as old peft versions wrote them).
     adapter = tmp_path / "pickled-adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
-        "base_model_name_or_path": str(tiny_model_dir),
-    }))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": 2,
+                "lora_alpha": 4,
+                "target_modules": ["q_proj"],
+                "base_model_name_or_path": str(tiny_model_dir),
+            }
+        )
+    )
     hostile_pickle(adapter / "adapter_model.bin", marker)
-    with pytest.raises(Exception, match="(?i)weights only load failed|unpickl|unsupported global"):
+    with pytest.raises(Exception, match=r"(?i)weights only load failed|unpickl|unsupported global"):
         load_for_inference(str(tiny_model_dir), adapter_dir=adapter, device="cpu")
     trials.case()
     assert not marker.exists(), "a pickle from a model folder ran"
@@ -260,8 +322,10 @@ def custom_code_model(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[Pa
     )
     config = json.loads((folder / "config.json").read_text())
     config["model_type"] = "custom-llama"  # no built-in class: only the folder's own code could load it
-    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig",
-                          "AutoModelForCausalLM": "configuration_custom.CustomConfig"}
+    config["auto_map"] = {
+        "AutoConfig": "configuration_custom.CustomConfig",
+        "AutoModelForCausalLM": "configuration_custom.CustomConfig",
+    }
     (folder / "config.json").write_text(json.dumps(config))
     yield folder, marker
 
@@ -276,12 +340,14 @@ def test_remote_code_runs_only_when_the_recipe_opts_in(
     from engine.recipes import recipe_from_dict
 
     folder, marker = custom_code_model
-    default = recipe_from_dict({"model": {"base": str(folder), "dtype": "float32"}, "train": {"device": "cpu"}})
+    default = recipe_from_dict(
+        {"model": {"base": str(folder), "dtype": "float32"}, "train": {"device": "cpu"}}
+    )
     assert default.model.trust_remote_code is False
     tokenizer = load_tokenizer(folder, trust_remote_code=default.model.trust_remote_code)
-    with pytest.raises(ModelError, match="(?i)custom code|trust_remote_code"):
+    with pytest.raises(ModelError, match=r"(?i)custom code|trust_remote_code"):
         load_model(folder, default, tokenizer, device="cpu")
-    with pytest.raises(ModelError, match="(?i)custom code|trust_remote_code"):
+    with pytest.raises(ModelError, match=r"(?i)custom code|trust_remote_code"):
         load_for_inference(str(folder), device="cpu")
     assert not marker.exists(), "custom code from a model folder ran without the recipe's opt-in"
     trials.case()
@@ -294,8 +360,12 @@ def test_remote_code_runs_only_when_the_recipe_opts_in(
         raise RuntimeError("recorded")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", record)
-    opted_in = recipe_from_dict({"model": {"base": str(folder), "dtype": "float32", "trust_remote_code": True},
-                                 "train": {"device": "cpu"}})
+    opted_in = recipe_from_dict(
+        {
+            "model": {"base": str(folder), "dtype": "float32", "trust_remote_code": True},
+            "train": {"device": "cpu"},
+        }
+    )
     for recipe in (default, opted_in):
         with pytest.raises(RuntimeError, match="recorded"):
             load_model(folder, recipe, tokenizer, device="cpu")
@@ -312,7 +382,10 @@ def test_new_dataset_names_stay_inside_datasets(workspace: Workspace, trials: Tr
 
     for name in ("../../escape", "/etc/passwd", "..", "sub/dir/name", "~/x"):
         path = new_dataset_path(workspace.datasets_dir, name)
-        assert path.parent == workspace.datasets_dir and workspace.inside(path) == path.resolve(), (name, path)
+        assert path.parent == workspace.datasets_dir and workspace.inside(path) == path.resolve(), (
+            name,
+            path,
+        )
         trials.case()
 
 
@@ -348,10 +421,14 @@ def test_tui_dataset_export_stays_inside_the_workspace_and_replaces_nothing(
             for text in typed:
                 shown = len(notifications(app))
                 await pilot.press("x")
-                await wait_for(pilot, lambda: isinstance(app.screen, PromptScreen) and app.screen.query("#prompt-input"))
+                await wait_for(
+                    pilot, lambda: isinstance(app.screen, PromptScreen) and app.screen.query("#prompt-input")
+                )
                 app.screen.query_one("#prompt-input", Input).value = text
                 await pilot.press("enter")
-                await wait_for(pilot, lambda: len(notifications(app)) > shown, what=f"an answer to {text}")
+                await wait_for(
+                    pilot, lambda n=shown: len(notifications(app)) > n, what=f"an answer to {text}"
+                )
 
     asyncio.run(export_to(list(attempts)))
     trials.case(len(attempts))

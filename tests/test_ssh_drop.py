@@ -20,6 +20,7 @@ pytest.register_assert_rewrite("crashkit")
 
 from crashkit.plugin import Trials, family  # noqa: E402
 from crashkit.tuikit import REPO_ROOT, Tmux  # noqa: E402
+
 from engine.events import Step, read_events  # noqa: E402
 from engine.launch import stop_run, wait_run  # noqa: E402
 from engine.workspace import Workspace, pid_alive  # noqa: E402
@@ -48,7 +49,7 @@ def steps_logged(run_dir: Path) -> list[int]:
     return [event.step for event in read_events(run_dir / "events.jsonl") if isinstance(event, Step)]
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+def wait_until(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -123,7 +124,9 @@ def test_killing_the_tuis_terminal_or_sighup_leaves_training_running_and_reattac
         trials.case()
 
         steps = steps_logged(run_dir)
-        assert steps == list(range(1, len(steps) + 1)), "the run was never interrupted: one unbroken step sequence"
+        assert steps == list(range(1, len(steps) + 1)), (
+            "the run was never interrupted: one unbroken step sequence"
+        )
     finally:
         tmux.kill_server()
         for run_dir in run_dirs:
@@ -147,7 +150,9 @@ def test_killing_the_terminal_of_train_wait_detaches_and_training_goes_on(
         wait_until(lambda: tiny_workspace.list_run_dirs(), 60, "the run folder")
         run_dirs += tiny_workspace.list_run_dirs()
         run_dir = run_dirs[0]
-        wait_until(lambda: (run_dir / "events.jsonl").exists() and steps_logged(run_dir), 180, "the first step")
+        wait_until(
+            lambda: (run_dir / "events.jsonl").exists() and steps_logged(run_dir), 180, "the first step"
+        )
         tmux.wait_for("cli", rf"step [1-9]\d*/{LONG_STEPS}", timeout=60)  # the progress line is up
         waiter = tmux.pane_pid("cli")
         trainer = int((run_dir / "pid").read_text())

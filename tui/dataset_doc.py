@@ -60,7 +60,7 @@ class DatasetDocument:
             save_pairs(path, [])
             return cls(path, [])
         dataset = load_dataset(path)
-        problems = [p for p in dataset.problems if p.message != "the file is empty"]
+        problems = [p for p in dataset.problems if not p.is_empty_file]
         return cls(path, dataset.pairs, problems)
 
     @property

@@ -187,7 +187,7 @@ class EngineClient:
 
     def module_argv(self, module: str, *args: str) -> list[str]:
         """The command that runs `python -m module args…` (or the test fake registered for that module)."""
-        prefix = self.module_commands.get(module) or [self.python, "-m", module]
+        prefix = self.module_commands.get(module) or [self.python, "-P", "-m", module]
         return [*prefix, *args]
 
     def chat_argv(self, source: ChatSource) -> list[str]:

@@ -12,7 +12,15 @@ from crashkit.harness import KillChain, Zygote, kill_chain
 from engine.workspace import Workspace
 
 # What a trainer or export trial needs imported before the fork.
-ML_PRELOAD = ["torch", "transformers", "peft", "engine.train", "engine.modeling", "engine.export", "llama_cpp"]
+ML_PRELOAD = [
+    "torch",
+    "transformers",
+    "peft",
+    "engine.train",
+    "engine.modeling",
+    "engine.export",
+    "llama_cpp",
+]
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +58,9 @@ def reliability_workspace(
     workspace = Workspace.init(tmp_path_factory.mktemp("reliability") / "workspace")
     shutil.copyfile(tiny_qa_path, workspace.datasets_dir / "tiny_qa.jsonl")
     (workspace.root / "recipes").mkdir(exist_ok=True)
-    (workspace.root / "recipes" / "tiny.toml").write_text(TINY_RECIPE.format(model=tiny_model_dir), encoding="utf-8")
+    (workspace.root / "recipes" / "tiny.toml").write_text(
+        TINY_RECIPE.format(model=tiny_model_dir), encoding="utf-8"
+    )
     return workspace
 
 

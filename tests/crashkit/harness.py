@@ -38,7 +38,9 @@ class Zygote:
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
         full_env = {**os.environ, **(env or {})}
-        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), full_env.get("PYTHONPATH", "")]))
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(REPO_ROOT), full_env.get("PYTHONPATH", "")])
+        )
         self.process = subprocess.Popen(
             [sys.executable, str(ZYGOTE), *preload],
             stdin=subprocess.PIPE,
@@ -190,7 +192,7 @@ def checkpoint_problems(checkpoint: Path) -> list[str]:
         with safe_open(str(checkpoint / "adapter_model.safetensors"), framework="pt") as weights:
             if not list(weights.keys()):
                 problems.append(f"{name}/adapter_model.safetensors holds no tensors")
-            for key in weights.keys():
+            for key in weights.keys():  # noqa: SIM118 - safe_open is not a dict
                 weights.get_tensor(key)
         for file in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
             # torch.save writes a zip: every member's CRC must check out (rng_state holds numpy objects, which a
@@ -200,7 +202,7 @@ def checkpoint_problems(checkpoint: Path) -> list[str]:
             if damaged is not None:
                 problems.append(f"{name}/{file} member {damaged} is damaged")
         torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to read means the checkpoint is damaged
+    except Exception as exc:
         problems.append(f"{name} does not load: {type(exc).__name__}: {str(exc)[:200]}")
     return problems
 
@@ -214,7 +216,7 @@ def gguf_problems(path: Path) -> list[str]:
     try:
         info = read_gguf(path)
         loaded = llama_file_report(path)
-    except Exception as exc:  # noqa: BLE001 - any failure to read means the file is damaged
+    except Exception as exc:
         return [f"{path.name} does not load: {type(exc).__name__}: {str(exc)[:200]}"]
     problems = []
     if info.file_type_name != kind or loaded["ftype_name"] != kind:
@@ -239,16 +241,21 @@ def export_problems(export_dir: Path) -> list[str]:
             problems += gguf_problems(entry)
         elif name == MERGED_DIR:
             present = {path.name for path in entry.iterdir()}
-            needed = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                      "chat_template.jinja"}
+            needed = {
+                "config.json",
+                "model.safetensors",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "chat_template.jinja",
+            }
             problems += [f"merged/ lacks {missing}" for missing in sorted(needed - present)]
             if "model.safetensors" in present:
                 try:
                     with safe_open(str(entry / "model.safetensors"), framework="pt") as weights:
-                        for key in weights.keys():
+                        for key in weights.keys():  # noqa: SIM118 - safe_open is not a dict
                             weights.get_tensor(key)
                     json.loads((entry / "config.json").read_text())
-                except Exception as exc:  # noqa: BLE001 - unreadable means damaged
+                except Exception as exc:
                     problems.append(f"merged/ does not load: {exc}")
         elif name == MODELFILE:
             target = re.search(r"^FROM \./(\S+)$", entry.read_text(), re.MULTILINE)
@@ -257,7 +264,9 @@ def export_problems(export_dir: Path) -> list[str]:
         elif name == REPORT_JSON:
             report = json.loads(entry.read_text())
             files = [check["file"] for check in report.get("files", {}).values()]
-            problems += [f"report.json names missing {file}" for file in files if not (export_dir / file).is_file()]
+            problems += [
+                f"report.json names missing {file}" for file in files if not (export_dir / file).is_file()
+            ]
         elif name != REPORT_MD:
             problems.append(f"unexpected {name}")
     return problems
@@ -313,7 +322,9 @@ def run_problems(run_dir: Path, digests: dict[str, str]) -> tuple[list[str], lis
         path = run_dir / name if name in ("run.json", "recipe.toml") else folder / name
         if not path.exists():
             lost.append(f"{name} disappeared")
-        elif (tree_digest(path) if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()) != digest:
+        elif (
+            tree_digest(path) if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        ) != digest:
             lost.append(f"{name} changed")
     problems += events_problems(run_dir / "events.jsonl")
     pid_text = (run_dir / "pid").read_text() if (run_dir / "pid").exists() else "0"
@@ -337,7 +348,8 @@ def kill_chain(
     """
     rng = random.Random(seed)
     digests = {
-        name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest() for name in ("run.json", "recipe.toml")
+        name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest()
+        for name in ("run.json", "recipe.toml")
     }
     trials = []
     for index in range(count):

@@ -77,7 +77,11 @@ class Ledger:
         return {
             "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "families": {
-                key: {**dataclasses.asdict(count), "complete": count.complete, "seconds": round(count.seconds, 2)}
+                key: {
+                    **dataclasses.asdict(count),
+                    "complete": count.complete,
+                    "seconds": round(count.seconds, 2),
+                }
                 for key, count in self.families.items()
             },
         }
@@ -148,7 +152,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             count.notes.append(f"{item.name}: {report.wasxfail}")
         elif report.skipped:
             count.skipped += 1
-            count.notes.append(f"{item.name} skipped: {report.longrepr[2] if isinstance(report.longrepr, tuple) else ''}")
+            count.notes.append(
+                f"{item.name} skipped: {report.longrepr[2] if isinstance(report.longrepr, tuple) else ''}"
+            )
         else:
             count.cases += max(recorded.cases, 1)
             count.failed += int(report.failed)

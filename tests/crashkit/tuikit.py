@@ -13,7 +13,9 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-async def wait_for(pilot: Any, predicate: Callable[[], object], timeout: float = 15.0, what: str = "") -> None:
+async def wait_for(
+    pilot: Any, predicate: Callable[[], object], timeout: float = 15.0, what: str = ""
+) -> None:
     """Let the app run until `predicate()` is true; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -24,7 +26,9 @@ async def wait_for(pilot: Any, predicate: Callable[[], object], timeout: float =
 
 def train_detail_text(app: Any) -> str:
     """The Train tab's run header, problem banner and metrics as plain text."""
-    return " ".join(str(app.query_one(f"#{name}").render()) for name in ("run-header", "run-problem", "run-metrics"))
+    return " ".join(
+        str(app.query_one(f"#{name}").render()) for name in ("run-header", "run-problem", "run-metrics")
+    )
 
 
 def notifications(app: Any) -> list[Any]:
@@ -38,11 +42,16 @@ class Tmux:
     def __init__(self, socket: str, config_dir: Path) -> None:
         self.socket = socket
         self.config = Path(config_dir) / "tmux.conf"
-        self.config.write_text('set -g default-terminal "xterm-256color"\nset -g status off\nset -sg escape-time 10\n')
+        self.config.write_text(
+            'set -g default-terminal "xterm-256color"\nset -g status off\nset -sg escape-time 10\n'
+        )
 
     def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["tmux", "-L", self.socket, "-f", str(self.config), *args], capture_output=True, text=True, check=check
+            ["tmux", "-L", self.socket, "-f", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            check=check,
         )
 
     def start(self, session: str, command: str) -> None:

@@ -53,7 +53,7 @@ def _path_of(value: Any) -> str | None:
 def touched_paths(event: str, args: tuple[Any, ...]) -> list[str]:
     """The paths a write-like audit event touches; empty for reads and unrelated events."""
     if event == "open":
-        path, mode, flags = (tuple(args) + (None, None, 0))[:3]
+        path, mode, flags = (*tuple(args), None, None, 0)[:3]
         writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
             mode is None and isinstance(flags, int) and flags & WRITE_FLAGS
         )
@@ -132,7 +132,7 @@ def _trial_process(command: dict[str, Any], first_write_fd: int) -> None:
             os.close(fd)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:  # noqa: BLE001 - the trial's traceback goes to its stderr file
+    except BaseException:
         traceback.print_exc()
         code = 98
     finally:
@@ -165,11 +165,11 @@ def run_trial(command: dict[str, Any]) -> dict[str, Any]:
             with contextlib.suppress(BlockingIOError):
                 if os.read(read_fd, 1):
                     first_write = now
-        if kill_after is not None and first_write is not None and now - first_write >= kill_after:
-            if not killed_by_timer:
-                killed_by_timer = True
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+        due = kill_after is not None and first_write is not None and now - first_write >= kill_after
+        if due and not killed_by_timer:
+            killed_by_timer = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
         if now > deadline:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
