@@ -53,8 +53,8 @@ def model_for(folder: Path, four_bit: bool):
         device_map={"": 0},
         attn_implementation="sdpa",
     )
+    torch.manual_seed(1)  # the same adapter A for every instance
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
-    torch.manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

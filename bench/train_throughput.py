@@ -525,6 +525,7 @@ def parse_variant(text: str) -> dict[str, Any]:
         "liger_norm": "tnorm" not in flags,
         "offload_checkpoints": "off" in flags,
         "reentrant_checkpoint": "hooks" not in flags,
+        "fuse_residual": "fuseres" in flags,
     }
 
 
@@ -583,6 +584,7 @@ def run_engine(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]
             liger_norm=variant["liger_norm"],
             offload_checkpoints=variant["offload_checkpoints"],
             reentrant_checkpoint=variant["reentrant_checkpoint"],
+            fuse_residual=variant["fuse_residual"],
         )
         for module in model.modules():
             module.__dict__.pop("_tunedeck_dequant", None)
@@ -1181,7 +1183,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
         "--variants",
-        default="4096:0,8192:0,4096:0:nodrop",
+        default="4096:0,5120:0,4096:0:nodrop",
         help="engine variants: max_tokens:uncheckpointed_layers[:nodrop][:noliger][:nofuse]",
     )
     parser.add_argument("--model-dir", type=Path, default=None)

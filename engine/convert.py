@@ -468,11 +468,9 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
 class _GgufHeader:
-    """A lean reader of a GGUF header: key/values and tensor infos, skipping arrays it is not asked for.
+    """A lean GGUF header reader (key/values and tensor infos) that skips the arrays it is not asked for."""
 
-    gguf-py's GGUFReader builds an object for every vocabulary entry (seconds for a 50k vocabulary); reading
-    only the header keeps the verify stage cheap.
-    """
+    # gguf-py's GGUFReader builds an object for every vocabulary entry (seconds for a 50k vocabulary).
 
     def __init__(self, data: bytes | memoryview) -> None:
         self.data = data
@@ -819,11 +817,9 @@ def _derive_format(template: str, special: dict[str, str], *, with_system: bool)
 
 def chat_format(template: str, special: dict[str, str]) -> ChatFormat | None:
     """Reduce a Jinja chat template to a ChatFormat by rendering probe conversations; None when the template
-    does more than wrap each message (the Modelfile then leaves the prompt format to the GGUF's metadata).
-
-    A template that refuses a system turn (Gemma's) gets one written as a user turn, as Ollama's own Gemma
-    templates do.
-    """
+    does more than wrap each message (the Modelfile then leaves the prompt format to the GGUF's metadata)."""
+    # A template that refuses a system turn (Gemma's) gets one written as a user turn, as Ollama's Gemma
+    # templates do.
     u1, a1, u2 = (_SENTINEL.format(n) for n in ("userone", "assistantone", "usertwo"))
     user1, answer1, user2 = (
         {"role": r, "content": c} for r, c in (("user", u1), ("assistant", a1), ("user", u2))

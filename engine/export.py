@@ -597,11 +597,9 @@ def merge_stage(plan: ExportPlan, clock: StageClock) -> tuple[Path, dict[str, An
 
 
 def _untie_adapted_embeddings(model: Any) -> bool:
-    """Give the output layer its own copy of a tied embedding matrix when the adapter changes either side.
-
-    Merging into a shared matrix would apply the output layer's update to the input embeddings as well (or the
-    reverse), and the merged model would no longer answer like the adapter did.
-    """
+    """Give the output layer its own copy of a tied embedding matrix when the adapter changes either side."""
+    # Merging into a shared matrix would apply the output layer's update to the input embeddings as well (or
+    # the reverse), and the merged model would no longer answer like the adapter did.
     import torch
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -624,9 +622,8 @@ def _untie_adapted_embeddings(model: Any) -> bool:
 def prepare_converter_inputs(
     folder: Path, *, tokenizer_template: str = "", recipe_template: str = "", base_dir: Path | None = None
 ) -> dict[str, Any]:
-    """Make the merged folder say exactly what the GGUF must carry: one chat template (chat_template.jinja and
-    tokenizer_config.json) and, as EOS, the token that closes an assistant turn; the tokenizer adds BOS only
-    when the template does not write it. Returns what was found and changed."""
+    """Make the merged folder say what the GGUF must carry (one chat template; as EOS the token that closes an
+    assistant turn; BOS added by the tokenizer only where the template omits it) and return what it found."""
     from engine.template import DEFAULT_CHAT_TEMPLATE, read_chat_template
 
     folder = Path(folder)
@@ -933,7 +930,7 @@ def run_export(
     free_disk: Callable[[Path], int] = free_disk_bytes,
     free_memory: Callable[[], int] = free_memory_bytes,
 ) -> dict[str, Any]:
-    """Run every stage; returns the outputs (files and report). Raises EngineError on an expected failure."""
+    """Run every stage and return the outputs (files and report); an expected failure raises EngineError."""
     started = time.monotonic()
     clock = StageClock(writer)
     with clock.stage(

@@ -105,10 +105,8 @@ def spawn_export(command: list[str], export_dir: Path) -> int:
 
 
 def follow_export(export_dir: Path, pid: int, display: ProgressLine) -> Event | None:
-    """Show the export's events until it reports its end (returned) or its process is gone (None).
-
-    events.jsonl keeps every attempt; this one's events start at the run_started carrying its pid.
-    """
+    """Show the export's events until it reports its end (returned) or its process is gone (None)."""
+    # events.jsonl keeps every attempt; this one's events start at the run_started carrying its pid.
     tail = EventTail(export_dir / EVENTS_FILE)
     ours = False
     while True:
