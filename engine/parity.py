@@ -61,6 +61,11 @@ class Answer:
     tokens: int
     seconds: float
     runaway: bool
+    # The prompt and generated token ids (adapter answers only): the GGUFs are teacher-forced along them.
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)
+    ids: list[int] = dataclasses.field(default_factory=list)
+    # Share of the adapter's answer tokens this model also ranks first, given the same prefix (GGUFs only).
+    token_agreement: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -193,7 +198,8 @@ def greedy_batch(
                 clean_up_tokenization_spaces=False,
             )
             tokens = cut + 1 if cut is not None else len(generated)
-            answers[index] = Answer(text, tokens, seconds, cut is None and len(generated) >= max_new_tokens)
+            runaway = cut is None and len(generated) >= max_new_tokens
+            answers[index] = Answer(text, tokens, seconds, runaway, encoded[index], generated[:tokens])
         done += len(chunk)
         if on_done is not None:
             on_done(done)
@@ -216,8 +222,10 @@ def gguf_answers(
     max_new_tokens: int,
     threads: int | None,
     on_answer: Any = None,
+    reference: list[Answer] | None = None,
 ) -> tuple[list[Answer], dict[str, Any]]:
-    """Greedy answers of one GGUF through llama.cpp's chat completion (the GGUF's own chat template)."""
+    """Greedy answers of one GGUF through llama.cpp's chat completion (the GGUF's own chat template), and how
+    often it ranks the `reference` answers' tokens first when fed their prefixes."""
     from engine.quantize import _llama_cpp, ftype_name
 
     llama_cpp = _llama_cpp()
@@ -258,11 +266,42 @@ def gguf_answers(
             tokens = int(result["usage"]["completion_tokens"])  # type: ignore[index]
             text = choice["message"]["content"] or ""
             answers.append(Answer(text, tokens, seconds, choice["finish_reason"] == "length"))
+            if reference is not None and reference[index].ids:
+                answers[-1].token_agreement = forced_agreement(
+                    llm, reference[index].prompt_ids, reference[index].ids
+                )
             if on_answer is not None:
                 on_answer(index)
     finally:
         llm.close()
     return answers, info
+
+
+def forced_agreement(llm: Any, prompt: list[int], answer: list[int]) -> float:
+    """Share of `answer`'s tokens that `llm` ranks first after the prompt and the answer's own earlier tokens."""
+    # Free-running answers drift apart after the first differing token; teacher forcing measures how often the
+    # GGUF makes the adapter's choice at every step, whatever came before.
+    import ctypes
+
+    import numpy as np
+
+    from engine.quantize import _llama_cpp
+
+    llama_cpp = _llama_cpp()
+    vocabulary = llm.n_vocab()
+    llm.reset()
+    llm.eval(prompt)
+    matches = 0
+    for position, token in enumerate(answer):
+        pointer = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        logits = np.ctypeslib.as_array(
+            ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(vocabulary,)
+        )
+        matches += int(int(logits.argmax()) == token)
+        if position + 1 < len(answer):
+            llm.eval([token])
+    llm.reset()
+    return matches / len(answer)
 
 
 def run_parity(
@@ -289,7 +328,13 @@ def run_parity(
             clock.update(offset + index + 1, f"{kind}: {index + 1}/{len(questions)}")
 
         per_file[kind], infos[kind] = gguf_answers(
-            path, questions, system_prompt, max_new_tokens=budget, threads=threads, on_answer=tick
+            path,
+            questions,
+            system_prompt,
+            max_new_tokens=budget,
+            threads=threads,
+            on_answer=tick,
+            reference=reference,
         )
         infos[kind]["size_bytes"] = path.stat().st_size
         infos[kind]["file"] = path.name
@@ -338,6 +383,9 @@ def summarise(
         summary["reference_similarity"] = _mean(
             [similarity(a.text, q.reference) for a, q in zip(answers, questions, strict=True)]
         )
+        summary["token_agreement"] = _mean(
+            [a.token_agreement for a in answers if a.token_agreement is not None]
+        )
         summary["runaway"] = sum(a.runaway for a in answers)
         summary["tokens_per_s"] = _mean([a.tokens_per_s for a in answers if a.tokens])
         summaries[kind] = summary
@@ -356,6 +404,7 @@ def summarise(
                 similarity(answers[index].text, reference[index].text) >= AGREEMENT_THRESHOLD
             )
             row[f"{kind}_runaway"] = answers[index].runaway
+            row[f"{kind}_token_agreement"] = answers[index].token_agreement
         rows.append(row)
     return {
         "questions": len(questions),
@@ -419,20 +468,32 @@ def report_markdown(report: dict[str, Any]) -> str:
             f" at most {parity['max_new_tokens']} new tokens; agreement = difflib ratio ≥ "
             f"{parity['agreement_threshold']} with the adapter's answer. Adapter: "
             f"{parity.get('reference_model', 'base + adapter')}; GGUF: llama.cpp chat completion with the "
-            "GGUF's own chat template; tok/s includes prompt processing.",
+            "GGUF's own chat template; next-token agreement = share of the adapter's answer tokens the GGUF "
+            "also ranks first when fed the same prefix (teacher-forced); tok/s includes prompt processing "
+            "(the adapter's is batched).",
             "",
         ]
-        header = ["file"] + [f"agrees ({s})" for s in splits] + ["vs reference", "runaway", "tok/s", "size"]
+        header = [
+            "file",
+            *[f"agrees ({s})" for s in splits],
+            "next-token agreement",
+            "vs reference",
+            "runaway",
+            "tok/s",
+            "size",
+        ]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         adapter = parity["adapter"]
         lines.append(
             "| adapter (HF) | "
-            + " | ".join(["–"] * len(splits))
+            + " | ".join(["–"] * (len(splits) + 1))
             + f" | {_pct(adapter['reference_similarity'])} | {adapter['runaway']} | "
             f"{adapter['tokens_per_s'] or 0:.1f} | – |"
         )
         for kind, summary in parity["files"].items():
-            cells = [_pct(summary.get(f"agreement_{s}")) for s in splits]
+            cells = [_pct(summary.get(f"agreement_{s}")) for s in splits] + [
+                _pct(summary.get("token_agreement"))
+            ]
             lines.append(
                 f"| {kind} | " + " | ".join(cells) + f" | {_pct(summary['reference_similarity'])} | "
                 f"{summary['runaway']} | {summary['tokens_per_s'] or 0:.1f} | "

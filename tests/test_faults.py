@@ -26,7 +26,14 @@ pytest.register_assert_rewrite("crashkit")
 from crashkit.fixtures import CHAIN_MAX_STEPS  # noqa: E402
 from crashkit.harness import KillChain, Zygote, checkpoint_problems, tree_digest  # noqa: E402
 from crashkit.plugin import Trials, family  # noqa: E402
-from crashkit.tuikit import notifications, train_detail_text, wait_for  # noqa: E402
+from crashkit.tuikit import (  # noqa: E402
+    mounted,
+    notifications,
+    open_in_train_tab,
+    runs_table_glyphs,
+    train_detail_text,
+    wait_for,
+)
 
 from engine.events import CheckpointSaved, RunFailed, RunFinished, RunStarted, Step, read_events  # noqa: E402
 from engine.launch import prepare_run  # noqa: E402
@@ -179,7 +186,7 @@ def test_resume_with_a_changed_recipe_or_dataset_is_refused_with_the_difference(
     async def press_resume_in_the_train_tab() -> None:
         app = create_app(engine=EngineClient(tiny_workspace), initial_tab="train")
         async with app.run_test(size=(80, 24)) as pilot:
-            view = app.query_one(TrainView)
+            view = await mounted(app, pilot, TrainView)
             await wait_for(pilot, lambda: view.opened is not None and view.opened.run_id == run_dir.name)
             assert view.opened.status == "interrupted" and view.opened.can_resume
             await pilot.press("r")
@@ -237,30 +244,30 @@ def test_oom_and_a_vanished_model_fail_within_five_seconds_and_the_train_tab_mar
     async def watch_in_the_train_tab() -> None:
         app = create_app(engine=EngineClient(tiny_workspace), initial_tab="train")
         async with app.run_test(size=(80, 24)) as pilot:
-            view = app.query_one(TrainView)
+            view = await mounted(app, pilot, TrainView)
             await wait_for(
                 pilot, lambda: set(view.snapshots) == {oom_run.name, gone_run.name}, what="both runs"
             )
-            view.open_run(oom_run.name)
+            await open_in_train_tab(app, pilot, oom_run.name)
             # The trainers run while the tab watches, as they would in a real session.
             await asyncio.to_thread(run_trainers)
-            await wait_for(pilot, lambda: view.opened.status == "failed", what="the OOM run marked failed")
+            await wait_for(
+                pilot,
+                lambda: view.opened.run_id == oom_run.name and view.opened.status == "failed",
+                what="the OOM run marked failed",
+            )
             text = train_detail_text(app)
+            assert f"{oom_run.name} failed" in text
             assert "✖ Out of memory: The GPU ran out of memory during a training step." in text
             assert "→ Lower train.batch_size or data.max_length" in text and "train.log" in text
             await wait_for(
                 pilot,
-                lambda: (
-                    view.snapshots.get(gone_run.name) and view.snapshots[gone_run.name].status == "failed"
-                ),
-                what="the list to mark the vanished-model run failed",
+                lambda: runs_table_glyphs(app) == {oom_run.name: "✖", gone_run.name: "✖"},
+                what="the runs table to mark both runs failed",
             )
-            view.open_run(gone_run.name)
-            await wait_for(
-                pilot,
-                lambda: app.query_one("#run-problem").display and "Model problem" in train_detail_text(app),
-            )
+            await open_in_train_tab(app, pilot, gone_run.name)
             text = train_detail_text(app)
+            assert f"{gone_run.name} failed" in text and "✖ Model problem:" in text
             assert f"The model folder {moved} does not exist." in text and "→ Set model.base" in text
             assert "running" not in text and "interrupted" not in text
 

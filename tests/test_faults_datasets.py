@@ -18,7 +18,7 @@ pytest.register_assert_rewrite("crashkit")
 
 from crashkit.harness import Zygote  # noqa: E402
 from crashkit.plugin import Trials, family  # noqa: E402
-from crashkit.tuikit import notifications, wait_for  # noqa: E402
+from crashkit.tuikit import mounted, notifications, wait_for  # noqa: E402
 
 from engine.events import RunFailed, read_events  # noqa: E402
 from engine.launch import prepare_run  # noqa: E402
@@ -85,6 +85,7 @@ def test_the_train_tab_refuses_a_bad_dataset_with_the_line(tiny_workspace: Works
     from tui.app import create_app
     from tui.engine_client import EngineClient
     from tui.screens.new_run import NewRunScreen
+    from tui.screens.train import TrainView
 
     recipe = tiny_workspace.root / "recipes" / "tiny.toml"
     (tiny_workspace.datasets_dir / "tiny_qa.jsonl").write_bytes(BAD_FILES["misspelt key"][0])
@@ -92,6 +93,7 @@ def test_the_train_tab_refuses_a_bad_dataset_with_the_line(tiny_workspace: Works
     async def start_from_the_form() -> None:
         app = create_app(engine=EngineClient(tiny_workspace), initial_tab="train")
         async with app.run_test(size=(80, 24)) as pilot:
+            await mounted(app, pilot, TrainView)
             await pilot.press("n")
             await wait_for(pilot, lambda: isinstance(app.screen, NewRunScreen))
             form = app.screen

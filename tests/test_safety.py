@@ -20,7 +20,7 @@ import pytest
 pytest.register_assert_rewrite("crashkit")
 
 from crashkit.plugin import Trials, family  # noqa: E402
-from crashkit.tuikit import notifications, wait_for  # noqa: E402
+from crashkit.tuikit import mounted, notifications, wait_for  # noqa: E402
 
 from engine.errors import ModelError  # noqa: E402
 from engine.workspace import Workspace  # noqa: E402
@@ -416,7 +416,7 @@ def test_tui_dataset_export_stays_inside_the_workspace_and_replaces_nothing(
     async def export_to(typed: list[str]) -> None:
         app = create_app(engine=EngineClient(tiny_workspace), initial_tab="dataset")
         async with app.run_test(size=(100, 30)) as pilot:
-            view = app.query_one(DatasetView)
+            view = await mounted(app, pilot, DatasetView)
             await wait_for(pilot, lambda: view.document is not None, what="the dataset to open")
             for text in typed:
                 shown = len(notifications(app))

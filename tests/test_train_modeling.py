@@ -104,3 +104,29 @@ def test_load_for_inference_of_a_base_model(tiny_model_dir: Path) -> None:
     model, tokenizer = load_for_inference(str(tiny_model_dir), device="cpu")
     assert not model.training and tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
     assert tokenizer.convert_tokens_to_ids(IM_END) in model.generation_config.eos_token_id
+
+
+def test_answer_window_gives_the_same_loss_and_gradients(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import TINY_QA
+    from engine.dataset import QAPair
+    from engine.modeling import load_tokenizer, renderer_for
+    from engine.train import PadCollator, accepts_logits_to_keep, answer_window
+
+    renderer = renderer_for(load_tokenizer(tiny_model_dir))
+    features = [renderer.encode(QAPair(**row)) for row in TINY_QA]
+    batch = PadCollator(0)([{"input_ids": f.input_ids, "labels": f.labels} for f in features])
+    windowed = answer_window(batch)
+    assert 0 < windowed["logits_to_keep"] < batch["input_ids"].shape[1]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert accepts_logits_to_keep(model)
+    results = []
+    for inputs in (batch, windowed):
+        model.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        results.append((loss.item(), model.model.layers[0].mlp.up_proj.weight.grad.clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)

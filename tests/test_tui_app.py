@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "tui"))
 
 from textual import work
-from textual.widgets import Input, TabbedContent
+from textual.widgets import Input
 from tui_workspace import engine_for, make_workspace, screen_text, wait_for
 
 from engine.errors import DiskFullError
@@ -62,7 +62,6 @@ def test_number_and_function_keys_switch_tabs_but_type_into_inputs(tmp_path: Pat
         app = create_app(engine=engine_for(workspace))
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_for(pilot, lambda: app.shell_ready)
-            tabs = app.query_one(TabbedContent)
             for key, tab in (
                 ("2", "train"),
                 ("4", "export"),
@@ -75,14 +74,14 @@ def test_number_and_function_keys_switch_tabs_but_type_into_inputs(tmp_path: Pat
             ):
                 await pilot.press(key)
                 await pilot.pause()
-                assert tabs.active == tab, key
+                assert app.active_tab == tab, key
             chat_input = app.query_one("#chat-input", Input)
             await wait_for(pilot, lambda: chat_input.has_focus)
             await pilot.press("2", "4")
-            assert tabs.active == "chat"
+            assert app.active_tab == "chat"
             assert chat_input.value == "24"
             await pilot.press("f2")
-            assert tabs.active == "train"
+            assert app.active_tab == "train"
 
     asyncio.run(scenario())
 
@@ -150,7 +149,7 @@ def test_command_palette_offers_every_tab_action(tmp_path: Path) -> None:
             await pilot.press(*"go to export")
             await pilot.pause(0.5)
             await pilot.press("enter")
-            await wait_for(pilot, lambda: app.query_one(TabbedContent).active == "export")
+            await wait_for(pilot, lambda: app.active_tab == "export")
 
     asyncio.run(scenario())
 

@@ -6,15 +6,18 @@ Run it with `tunedeck`, `python -m tui` or `python -m tui.app` (the form that
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
 from textual import on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
+from textual.containers import Container
 from textual.screen import Screen
-from textual.widgets import Footer, TabbedContent, TabPane
+from textual.widgets import ContentSwitcher, Footer
 from textual.worker import Worker, WorkerState
 
 from engine.workspace import Workspace
@@ -24,6 +27,7 @@ from tui.messages import ActiveRunChanged, ChatStatusChanged, RunLaunched, RunsC
 from tui.prefs import Prefs
 from tui.screens.base import TabView
 from tui.widgets.status_line import StatusLine
+from tui.widgets.tab_bar import TabBar
 
 # Tab id, title (with its key), and the view class, imported on first show so startup stays fast.
 TABS: tuple[tuple[str, str, str], ...] = (
@@ -55,6 +59,15 @@ def _view_class(path: str) -> type[TabView]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
+def view_css_path(path: str) -> Path:
+    """The stylesheet beside a view's module (tui/screens/<tab>.tcss), loaded on the tab's first show."""
+    return Path(__file__).resolve().parent.joinpath(*path.split(":")[0].split(".")[1:]).with_suffix(".tcss")
+
+
+class TabPage(Container):
+    """The container of one tab; its view is mounted on the tab's first show."""
+
+
 class TunedeckApp(App[None]):
     """Dataset, Train, Chat and Export tabs over one workspace."""
 
@@ -67,8 +80,11 @@ class TunedeckApp(App[None]):
         self.engine = engine
         self.prefs = Prefs(engine.state_dir)
         self.initial_tab = initial_tab
+        self.active_tab = initial_tab
         self.shell_ready = False
         self.sub_title = str(engine.workspace.root)
+        self._view_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._css_loaded: set[Path] = set()
 
     @property
     def workspace(self) -> Workspace:
@@ -76,35 +92,50 @@ class TunedeckApp(App[None]):
         return self.engine.workspace
 
     def compose(self) -> ComposeResult:
-        with TabbedContent(initial=self.initial_tab, id="tabs"):
-            for tab_id, title, path in TABS:
-                with TabPane(title, id=tab_id):
-                    # Only the first tab is built now; the others (and their imports) on first show.
-                    if tab_id == self.initial_tab:
-                        yield _view_class(path)(id=f"{tab_id}-view")
+        # The first frame is this shell alone: the first tab's view (its imports, widgets and stylesheet) is
+        # mounted right after it is on screen.
+        yield TabBar([(tab_id, title) for tab_id, title, _ in TABS], self.initial_tab, id="tab-bar")
+        with ContentSwitcher(initial=self.initial_tab, id="tabs"):
+            for tab_id, _, _ in TABS:
+                yield TabPage(id=tab_id)
         yield StatusLine(id="status-line")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.query_one(StatusLine).workspace = self.workspace.root
-        self.shell_ready = True
-        self.call_after_refresh(self._focus_first_tab)
+        self.call_after_refresh(self._show_first_tab)
 
-    async def _focus_first_tab(self) -> None:
-        (await self.view(self.query_one(TabbedContent).active or self.initial_tab)).focus_default()
+    async def _show_first_tab(self) -> None:
+        if not self.query_one(f"#{self.active_tab}", TabPage).is_attached:
+            return  # the app is closing before its first tab was built
+        await self.view(self.active_tab)
+        self.shell_ready = True
+        # A tab key pressed during the first frame may have switched tabs already.
+        (await self.view(self.active_tab)).focus_default()
 
     # Tabs
 
+    def load_view_css(self, path: str) -> None:
+        """Add a view's own stylesheet to the app's (once), before its first widget is styled."""
+        css_path = view_css_path(path)
+        if css_path in self._css_loaded or not css_path.is_file():
+            return
+        self._css_loaded.add(css_path)
+        self.stylesheet.add_source(css_path.read_text(encoding="utf-8"), read_from=(str(css_path), ""))
+
     async def view(self, tab_id: str) -> TabView:
         """The view of `tab_id`, mounted (and composed) on first use."""
-        pane = self.query_one(f"#{tab_id}", TabPane)
-        existing = pane.query_children(TabView)
-        if existing:
-            return existing.first()
-        path = next(path for tab, _, path in TABS if tab == tab_id)
-        view = _view_class(path)(id=f"{tab_id}-view")
-        await pane.mount(view)
-        return view
+        async with self._view_locks[tab_id]:
+            pane = self.query_one(f"#{tab_id}", TabPage)
+            existing = pane.query_children(TabView)
+            if existing:
+                return existing.first()
+            path = next(path for tab, _, path in TABS if tab == tab_id)
+            view_class = _view_class(path)
+            self.load_view_css(path)
+            view = view_class(id=f"{tab_id}-view")
+            await pane.mount(view)
+            return view
 
     async def open_tab(self, tab_id: str) -> TabView:
         """Show a tab and return its mounted view (for actions that continue in another tab)."""
@@ -113,18 +144,23 @@ class TunedeckApp(App[None]):
 
     def action_show_tab(self, tab_id: str) -> None:
         """Switch to a tab (keys 1-4, F1-F4)."""
-        tabs = self.query_one(TabbedContent)
-        if tabs.active != tab_id:
-            # A focused widget left in the hidden pane would pull the tab back when focus moves on.
-            self.screen.set_focus(None)
-            tabs.active = tab_id
-
-    @on(TabbedContent.TabActivated)
-    async def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
-        if event.pane.id is None or not self.shell_ready:
+        if self.active_tab == tab_id:
             return
-        view = await self.view(event.pane.id)
-        view.focus_default()
+        # A focused widget left in the hidden pane would pull the tab back when focus moves on.
+        self.screen.set_focus(None)
+        self.active_tab = tab_id
+        self.query_one(TabBar).active = tab_id
+        self.query_one(ContentSwitcher).current = tab_id
+        self.call_later(self._tab_shown, tab_id)
+
+    async def _tab_shown(self, tab_id: str) -> None:
+        view = await self.view(tab_id)
+        if self.active_tab == tab_id and self.shell_ready:
+            view.focus_default()
+
+    @on(TabBar.Clicked)
+    def _tab_clicked(self, event: TabBar.Clicked) -> None:
+        self.action_show_tab(event.tab_id)
 
     # Cross-tab messages
 
@@ -197,9 +233,9 @@ class TunedeckApp(App[None]):
                 f"Go to {name}", f"Show the {name} tab", lambda t=tab_id: self.action_show_tab(t)
             )
         yield SystemCommand("Help: keys", "Every key binding, per tab", self.action_help)
-        active = self.query_one(TabbedContent).active
+        active = self.active_tab
         for tab_id, title, _ in TABS:
-            pane = self.query_one(f"#{tab_id}", TabPane)
+            pane = self.query_one(f"#{tab_id}", TabPage)
             for view in pane.query_children(TabView):
                 prefix = title.split(" ", 1)[1]
                 for command in view.commands():

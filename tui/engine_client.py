@@ -191,21 +191,30 @@ class EngineClient:
         return [*prefix, *args]
 
     def chat_argv(self, source: ChatSource) -> list[str]:
-        """The chat engine command for `source`."""
-        args = ["--base", source.base, "--workspace", str(self.workspace.root)]
+        """The chat engine command for `source` (a GGUF needs no base model: llama.cpp serves the file)."""
+        args = [] if source.kind == "gguf" else ["--base", source.base]
+        args += ["--workspace", str(self.workspace.root)]
         if source.kind in ("run", "adapter", "gguf"):
             args += [f"--{source.kind}", source.path]
         return self.module_argv("engine.chat", *args)
 
     def export_argv(
-        self, run_dir: Path, checkpoint: int | None, quants: list[str], *, force: bool = False
+        self,
+        run_dir: Path,
+        checkpoint: int | None,
+        quants: list[str],
+        *,
+        out_dir: Path | None = None,
+        force: bool = False,
     ) -> list[str]:
-        """The export engine command for a run (and checkpoint), the chosen quantisations, and overwrite."""
+        """The export engine command for a run (and checkpoint), the quantisations, the folder and overwrite."""
         args = ["--run-dir", str(run_dir)]
         if checkpoint is not None:
             args += ["--checkpoint", str(checkpoint)]
         if quants:
             args += ["--quant", ",".join(quants)]
+        if out_dir is not None:
+            args += ["--out", str(out_dir)]
         if force:
             args.append("--force")
         return self.module_argv("engine.export", *args)

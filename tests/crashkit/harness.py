@@ -337,14 +337,30 @@ def run_problems(run_dir: Path, digests: dict[str, str]) -> tuple[list[str], lis
 FIRST_COMMIT = r".*/checkpoints/step_\d+"
 
 
+def save_period(run_dir: Path, default: float) -> float:
+    """The median time from one checkpoint to the next within an attempt (a step plus a save) on this machine."""
+    from engine.events import CheckpointSaved, RunStarted, read_events
+
+    gaps, last = [], None
+    for event in read_events(run_dir / "events.jsonl"):
+        if isinstance(event, RunStarted):
+            last = None
+        elif isinstance(event, CheckpointSaved):
+            if last is not None:
+                gaps.append(event.time - last)
+            last = event.time
+    return sorted(gaps)[len(gaps) // 2] if gaps else default
+
+
 def kill_chain(
     zygote: Zygote, run_dir: Path, seed: int, count: int, *, writes_per_save: int, save_s: float
 ) -> KillChain:
     """Train `run_dir` in `count` attempts, each SIGKILLed and each resuming the newest checkpoint.
 
     Most attempts commit one checkpoint, then die before a seeded k-th later write under the run folder (k up to
-    two saves' worth) or a seeded delay after that commit (up to two saves' duration); every sixth dies at one of
-    its very first writes instead (the pid file, events, the clean-up of what the previous kill left).
+    two saves' worth) or a seeded delay after that commit (up to two saves' duration, as measured on this machine
+    so far, `save_s` before any); every sixth dies at one of its very first writes instead (the pid file, events,
+    the clean-up of what the previous kill left). So each attempt adds at most a few checkpoints on any machine.
     """
     rng = random.Random(seed)
     digests = {
@@ -360,7 +376,8 @@ def kill_chain(
         elif index % 2 == 0:
             kill = {"kill_at_event": rng.randint(1, 2 * writes_per_save), "arm_on": FIRST_COMMIT}
         else:
-            kill = {"kill_after_s": round(rng.uniform(0, 2 * save_s), 3), "arm_on": FIRST_COMMIT}
+            period = save_period(run_dir, save_s)
+            kill = {"kill_after_s": round(rng.uniform(0, 2 * period), 3), "arm_on": FIRST_COMMIT}
         result = zygote.trial("engine.train:main", argv, watch=run_dir, **kill)
         problems, lost = run_problems(run_dir, digests)
         for name in _checkpoint_names(run_dir):

@@ -31,6 +31,32 @@ def train_detail_text(app: Any) -> str:
     )
 
 
+async def mounted(app: Any, pilot: Any, view_class: type) -> Any:
+    """The app's view of `view_class` once its tab has been built (tabs are built after the app starts)."""
+    await wait_for(pilot, lambda: app.query(view_class), what=f"the {view_class.__name__} to be built")
+    return app.query_one(view_class)
+
+
+async def open_in_train_tab(app: Any, pilot: Any, run_id: str) -> None:
+    """Select `run_id` in the Train tab's runs table, as a user does with the arrow keys, and wait until it shows."""
+    from textual.widgets import DataTable
+
+    from tui.screens.train import RunDetail, TrainView
+
+    view = app.query_one(TrainView)
+    await wait_for(pilot, lambda: run_id in view._row_order, what=f"{run_id} in the runs table")
+    app.query_one("#runs-table", DataTable).move_cursor(row=view._row_order.index(run_id))
+    await wait_for(pilot, lambda: app.query_one(RunDetail).shown_run_id == run_id, what=f"{run_id} opened")
+
+
+def runs_table_glyphs(app: Any) -> dict[str, str]:
+    """Run id → the status glyph the Train tab's runs table shows for it."""
+    from textual.widgets import DataTable
+
+    table = app.query_one("#runs-table", DataTable)
+    return {str(key.value): str(table.get_cell(key, "glyph")) for key in table.rows}
+
+
 def notifications(app: Any) -> list[Any]:
     """The app's notifications (title, message, severity), oldest first."""
     return list(app._notifications)

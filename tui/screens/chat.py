@@ -184,6 +184,16 @@ class ChatView(TabView):
         if self.process is None:
             self._start_engine()
 
+    def use_source(self, source: ChatSource) -> None:
+        """Chat with `source` now: the engine starts (or restarts) on it (called from the other tabs)."""
+        self.set_source(source)
+        if self.process is None:
+            self._start_engine()
+
+    def use_gguf(self, path: Path) -> None:
+        """Chat with an exported GGUF file through llama.cpp (called from the Export tab)."""
+        self.use_source(ChatSource("gguf", "", str(path)))
+
     def action_pick_source(self) -> None:
         """Choose what to chat with."""
         from tui.screens.modals import PickScreen, PromptScreen
@@ -203,9 +213,7 @@ class ChatView(TabView):
             )
         if self.workspace.exports_dir.is_dir():
             for gguf in sorted(self.workspace.exports_dir.rglob("*.gguf")):
-                options.append(
-                    (f"GGUF  {gguf.relative_to(self.workspace.exports_dir)}", f"gguf|{DEMO_MODEL}|{gguf}")
-                )
+                options.append((f"GGUF  {gguf.relative_to(self.workspace.exports_dir)}", f"gguf||{gguf}"))
         options.append(("adapter folder…  (type its path)", "adapter-prompt||"))
         current = f"{self.source.kind}|{self.source.base}|{self.source.path}" if self.source else ""
 
@@ -232,7 +240,7 @@ class ChatView(TabView):
                     ),
                 )
                 return
-            self.set_source(ChatSource(kind, base or DEMO_MODEL, path))
+            self.set_source(ChatSource(kind, base or ("" if kind == "gguf" else DEMO_MODEL), path))
 
         self.app.push_screen(PickScreen("Chat with", options, current), picked)
 
@@ -350,7 +358,8 @@ class ChatView(TabView):
         self.history.append({"role": "user", "content": text})
         await self._mount_message(ChatMessage("user", text))
         request_id = f"r{next(self._request_ids)}"
-        compare = self.compare and self.source is not None and self.source.kind != "base"
+        # A GGUF holds its adapter merged in, so there is no base to compare it with.
+        compare = self.compare and self.source is not None and self.source.kind in ("run", "adapter")
         request = {
             "op": "generate",
             "id": request_id,
@@ -409,7 +418,9 @@ class ChatView(TabView):
         if self.source.kind == "run":
             step = f" @ step {self.adapter_step}" if self.adapter_step is not None else ""
             return f"adapter ({Path(self.source.path).name}{step})"
-        return {"gguf": "GGUF", "adapter": "adapter"}.get(self.source.kind, "model")
+        if self.source.kind == "gguf":
+            return f"GGUF ({Path(self.source.path).name})"
+        return {"adapter": "adapter"}.get(self.source.kind, "model")
 
     def _reply_widget(self, request_id: str, slot: str) -> ChatMessage | None:
         return self.replies.get((request_id, slot)) or self.replies.get((request_id, "adapter"))
@@ -462,7 +473,7 @@ class ChatView(TabView):
         """Show base and adapter replies side by side."""
         self.compare = not self.compare
         self.prefs.set(chat_compare=self.compare)
-        if self.compare and self.source is not None and self.source.kind == "base":
+        if self.compare and self.source is not None and self.source.kind not in ("run", "adapter"):
             self.notify("Compare needs an adapter: pick a run or an adapter with ctrl+o.", severity="warning")
         self._update_bar()
 

@@ -242,3 +242,31 @@ class PickScreen(ModalScreen[str | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+class TextScreen(ModalScreen[None]):
+    """A long text to read (one parity question's answers in full), scrolled with the arrow keys."""
+
+    DEFAULT_CSS = """
+    TextScreen { align: center middle; }
+    TextScreen > VerticalScroll {
+        width: 100%; max-width: 110; height: auto; max-height: 100%;
+        border: thick $primary; background: $surface; padding: 0 1;
+    }
+    TextScreen #text-title { text-style: bold; }
+    TextScreen #text-body { height: auto; }
+    """
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter,q", "dismiss", "Close")]
+
+    def __init__(self, title: str, body: Text) -> None:
+        super().__init__()
+        self.title_text = title
+        self.body = body
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Label(self.title_text, id="text-title", markup=False)
+            yield Static(self.body, id="text-body")
+
+    def on_mount(self) -> None:
+        self.query_one(VerticalScroll).focus()
