@@ -1,13 +1,15 @@
 """Write SVG screenshots of each TUI tab (80×24, realistic fake data) to assets/ for the README.
 
 Run: `.venv/bin/python bench/tui_screenshots.py [--out assets]`. Uses the recorded runs and fake engines of
-tests/fixtures/tui, so it needs no model and no GPU.
+tests/fixtures/tui, so it needs no model and no GPU. The workspace is made at ~/tunes under a temporary home,
+so the status line shows a path a reader could have rather than a temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
@@ -17,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "fixtures" / "tui"))
 
-from tui_workspace import FAILED, engine_for, make_workspace, wait_for  # noqa: E402
+from tui_workspace import FAILED, FINISHED, engine_for, make_workspace, wait_for  # noqa: E402
 
 from tui.app import create_app  # noqa: E402
 
@@ -67,8 +69,17 @@ async def shoot(workspace, out: Path, size: tuple[int, int]) -> list[Path]:
         await pilot.press("f4")  # digits would type into the chat input
         await wait_for(pilot, lambda: bool(app.query(ExportView)))
         export = app.query_one(ExportView)
+        app.query_one("#export-run").value = FINISHED
+        await pilot.pause(0.3)
         await pilot.press("x")
-        await wait_for(pilot, lambda: export.finished, 30)
+        await wait_for(pilot, lambda: export.finished and export.report is not None, 30)
+        # The parity report opens by itself; show a question where q4_0 ran away from the adapter's answer.
+        answers = app.query_one("#parity-answers")
+        runaway = next(i for i, row in enumerate(export.answers) if any(cell.runaway for cell in row.cells))
+        answers.move_cursor(row=runaway)
+        await pilot.pause(0.5)
+        written.append(Path(app.save_screenshot(str(out / "tui-export-report.svg"))))
+        await pilot.press("r")
         await pilot.pause(0.5)
         written.append(Path(app.save_screenshot(str(out / "tui-export.svg"))))
 
@@ -89,7 +100,8 @@ def main() -> None:
     trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            workspace = make_workspace(Path(tmp) / "ws", trainer.pid)
+            os.environ["HOME"] = tmp
+            workspace = make_workspace(Path(tmp) / "tunes", trainer.pid)
             for path in asyncio.run(shoot(workspace, args.out, (args.width, args.height))):
                 print(path)
     finally:

@@ -1,9 +1,20 @@
 """TUI responsiveness: cold start to first frame, and key latency while 200 events/s stream into a viewed run.
 
 Run: `.venv/bin/python bench/tui_startup.py` (targets: first frame ≤ 0.3 s, key latency ≤ 50 ms).
-Cold start is measured in fresh interpreters (imports included), headless at 80×24; key latency is
-the time from a key press to the screen update it causes (the Train tab's log toggle), sampled while a fake
-trainer appends 200 events/s to the run the Train tab follows.
+
+Every measurement runs in a fresh interpreter, headless at 80×24, and the candidates take turns round by round
+(a bare two-widget Textual app, this tunedeck, and with `--before DIR` an earlier copy of tui/ and engine/, e.g.
+`mkdir /tmp/before && git archive HEAD tui engine | tar -x -C /tmp/before`), so a busy machine slows them
+alike. A frame counts when Textual hands the screen update to the driver (App._display); each time is given as
+wall clock and as the process's CPU time, which other load on the machine disturbs less.
+
+- first frame: from the interpreter's first line (imports included) to the first screen update;
+- dataset rows: to the first update showing the Dataset tab's table filled (read by a worker thread);
+- key latency: from a key press (the Train tab's log toggle) to the screen update showing it, sampled while a
+  fake trainer appends 200 events/s to the run the Train tab follows.
+
+By default the sources are byte-compiled once (into a temporary PYTHONPYCACHEPREFIX), as an installed copy is;
+`--no-bytecode` sets PYTHONDONTWRITEBYTECODE=1 instead, so each start compiles tunedeck's modules again.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -19,43 +31,36 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "fixtures" / "tui"))
+FIXTURES = REPO / "tests" / "fixtures" / "tui"
+BASELINE = "textual"
 
-STARTUP_PROBE = """
-import sys, time
-started = time.perf_counter()
-sys.path.insert(0, {repo!r})
-from tui.app import create_app
-from engine.workspace import Workspace
+# Patches App._display before anything else runs, so both probes time frames the same way.
+FRAME_HOOK = """
+import sys, time, json
+started, cpu_started = time.perf_counter(), time.process_time()
+from textual.app import App
+marks = {}
+_display = App._display
 
-app = create_app(Workspace.open({workspace!r}))
-marks = []
+def _timed_display(self, screen, renderable):
+    _display(self, screen, renderable)
+    if renderable is None or self._batch_count:
+        return
+    now = {"wall": time.perf_counter() - started, "cpu": time.process_time() - cpu_started}
+    marks.setdefault("first_frame", now)
+    check = getattr(self, "_bench_check", None)
+    if check is not None and check(self):
+        marks["rows"] = now
+    if set(marks) >= MARKS:
+        self.exit()
 
-def tab_drawn():
-    marks.append(time.perf_counter() - started)
-    app.exit()
-
-def check_tab():
-    views = app.query("#dataset-view")
-    if views and views.first().document is not None and len(marks) == 1:
-        marks.append(None)
-        app.call_after_refresh(tab_drawn)
-
-def shell_drawn():
-    marks.append(time.perf_counter() - started)
-    app.set_interval(0.002, check_tab)
-
-app.call_after_refresh(shell_drawn)
-app.run(headless=True, size=(80, 24))
-print(marks[0], marks[2])
+App._display = _timed_display
 """
 
-
-BASELINE_PROBE = """
-import time
-started = time.perf_counter()
-from textual.app import App
+BASELINE_PROBE = (
+    FRAME_HOOK
+    + """
+MARKS = {"first_frame"}
 from textual.widgets import Footer, Static
 
 
@@ -65,46 +70,78 @@ class Hello(App):
         yield Footer()
 
 
-app = Hello()
-first_frame = []
-
-def drawn():
-    first_frame.append(time.perf_counter() - started)
-    app.exit()
-
-app.call_after_refresh(drawn)
-app.run(headless=True, size=(80, 24))
-print(first_frame[0])
+Hello().run(headless=True, size=(80, 24))
+print(json.dumps(marks))
 """
+)
+
+TUNEDECK_PROBE = (
+    FRAME_HOOK
+    + """
+MARKS = {"first_frame", "rows"}
+sys.path.insert(0, {root!r})
+from tui.app import create_app
+from engine.workspace import Workspace
+
+app = create_app(Workspace.open({workspace!r}))
+
+def rows_shown(app):
+    tables = app.query("#ds-table")
+    return bool(tables) and tables.first().row_count > 0
+
+app._bench_check = rows_shown
+app.run(headless=True, size=(80, 24))
+print(json.dumps(marks))
+"""
+)
 
 
-def baseline_start(repeats: int) -> float:
-    """Median first frame of a two-widget Textual app: the floor this machine and Textual set."""
-    times = []
+def probe_env(bytecode_dir: Path | None) -> dict[str, str]:
+    """The probes' environment: shared bytecode in `bytecode_dir`, or none written at all."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if bytecode_dir is None:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env.pop("PYTHONPYCACHEPREFIX", None)
+    else:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(bytecode_dir)
+    return env
+
+
+def run_probe(code: str, env: dict[str, str], cwd: Path) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=cwd
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def cold_starts(
+    roots: dict[str, Path], workspace: Path, repeats: int, env: dict[str, str], cwd: Path
+) -> dict[str, list[dict]]:
+    """Each candidate's probe results, the candidates taking turns in every round."""
+    probes = {BASELINE: BASELINE_PROBE}
+    for name, root in roots.items():
+        probes[name] = TUNEDECK_PROBE.replace("{root!r}", repr(str(root))).replace(
+            "{workspace!r}", repr(str(workspace))
+        )
+    for code in probes.values():
+        run_probe(code, env, cwd)  # warm-up: compiles the bytecode (when kept) and fills the disk cache
+    results: dict[str, list[dict]] = {name: [] for name in probes}
     for _ in range(repeats):
-        command = [sys.executable, "-c", BASELINE_PROBE]
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        times.append(float(result.stdout.strip().splitlines()[-1]))
-    return statistics.median(times)
+        for name, code in probes.items():
+            results[name].append(run_probe(code, env, cwd))
+    return results
 
 
-def cold_start(workspace: Path, repeats: int) -> list[tuple[float, float, float]]:
-    """Per fresh process, seconds from its first line (imports included) to the first frame, to the frame that
-    shows the dataset's rows (read by a worker after the first frame), and its whole life."""
-    times = []
-    for _ in range(repeats):
-        probe = STARTUP_PROBE.format(repo=str(REPO), workspace=str(workspace))
-        launched = time.perf_counter()
-        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-        first_frame, tab_frame = map(float, result.stdout.strip().splitlines()[-1].split())
-        times.append((first_frame, tab_frame, time.perf_counter() - launched))
-    return times
-
-
-async def key_latency(workspace_root: Path, rate: float, samples: int) -> tuple[list[float], int]:
-    """Key-to-screen-update latencies (s) while a fake trainer streams `rate` events/s; and events seen."""
+async def key_latency(root: Path, workspace_root: Path, rate: float, samples: int) -> dict:
+    """Key-to-screen-update latencies (ms) while a fake trainer streams `rate` events/s; and events seen."""
+    sys.path.insert(0, str(FIXTURES))
     from textual import events
     from tui_workspace import FAKE_TRAINER, engine_for, wait_for
+
+    # After the fixtures (which put this repository on the path): `tui` comes from the candidate's tree.
+    sys.path.insert(0, str(root))
 
     from engine.workspace import Workspace
     from tui.app import create_app
@@ -132,79 +169,131 @@ async def key_latency(workspace_root: Path, rate: float, samples: int) -> tuple[
             await wait_for(pilot, lambda: app.shell_ready)
             view = app.query_one(TrainView)
             await wait_for(pilot, lambda: view.opened is not None and view.opened.run_id == run_dir.name)
-            detail = app.query_one(RunDetail)
+            log = app.query_one(RunDetail).query_one("#run-log")
             await pilot.pause(1.0)
             loop = asyncio.get_running_loop()
             for _ in range(samples):
-                before = detail.has_class("-big-log")
+                before = str(log.styles.height)
                 pressed = time.perf_counter()
                 # The key goes in as the terminal driver delivers it; latency ends when the frame showing it
                 # is drawn.
                 app.post_message(events.Key("l", "l"))
-                while detail.has_class("-big-log") == before:
+                while str(log.styles.height) == before:
                     await asyncio.sleep(0.001)
                 drawn = loop.create_future()
                 app.call_after_refresh(lambda future=drawn: future.done() or future.set_result(None))
                 await drawn
-                latencies.append(time.perf_counter() - pressed)
+                latencies.append((time.perf_counter() - pressed) * 1000)
                 await asyncio.sleep(0.1)
             seen = view.opened.event_count
             app.exit()
     finally:
         trainer.kill()
         trainer.wait()
-    return latencies, seen
+    return {"latencies_ms": latencies, "events": seen}
+
+
+def latency_in_subprocess(
+    root: Path, workspace: Path, rate: float, samples: int, env: dict[str, str]
+) -> dict:
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--latency-probe",
+        str(root),
+        "--workspace",
+        str(workspace),
+        "--rate",
+        str(rate),
+        "--samples",
+        str(samples),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=env, cwd=workspace)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def stats(values: list[float], digits: int = 3) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "median": round(statistics.median(ordered), digits),
+        "p95": round(ordered[max(0, int(len(ordered) * 0.95 + 0.5) - 1)], digits),
+        "max": round(ordered[-1], digits),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rate", type=float, default=200.0)
-    parser.add_argument("--samples", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=7, help="cold starts per candidate")
+    parser.add_argument("--rate", type=float, default=200.0, help="events per second while keys are pressed")
+    parser.add_argument("--samples", type=int, default=40, help="key presses per candidate")
+    parser.add_argument(
+        "--before", type=Path, default=None, help="an earlier tree (tui/ and engine/) to compare"
+    )
+    parser.add_argument("--no-bytecode", action="store_true", help="compile the sources on every start")
+    parser.add_argument("--skip-latency", action="store_true", help="measure cold start only")
+    parser.add_argument("--latency-probe", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workspace", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.latency_probe is not None:
+        print(
+            json.dumps(asyncio.run(key_latency(args.latency_probe, args.workspace, args.rate, args.samples)))
+        )
+        return
+    sys.path.insert(0, str(FIXTURES))
     from tui_workspace import make_workspace
 
+    roots = {"tunedeck": REPO}
+    if args.before is not None:
+        roots = {"before": args.before.resolve(), "after": REPO}
+    report: dict = {"bytecode": not args.no_bytecode, "repeats": args.repeats}
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "ws"
-        make_workspace(root, 0)
-        starts = cold_start(root, args.repeats)
-        frames = sorted(first for first, _, _ in starts)
-        tab_frames = sorted(tab for _, tab, _ in starts)
-        totals = sorted(total for _, _, total in starts)
-        latencies, seen = asyncio.run(key_latency(root, args.rate, args.samples))
-    baseline = baseline_start(args.repeats)
-    result = {
-        "first_frame_s": {"median": round(statistics.median(frames), 3), "max": round(frames[-1], 3)},
-        "dataset_rows_shown_s": {
-            "median": round(statistics.median(tab_frames), 3),
-            "max": round(tab_frames[-1], 3),
-        },
-        "textual_hello_world_first_frame_s": round(baseline, 3),
-        "process_total_s": {"median": round(statistics.median(totals), 3)},
-        "key_latency_ms": {
-            "median": round(statistics.median(latencies) * 1000, 1),
-            "p95": round(sorted(latencies)[int(len(latencies) * 0.95) - 1] * 1000, 1),
-            "max": round(max(latencies) * 1000, 1),
-        },
-        "events_streamed": seen,
-        "rate_events_per_s": args.rate,
-    }
+        bytecode_dir = None if args.no_bytecode else Path(tmp) / "pycache"
+        env = probe_env(bytecode_dir)
+        workspace = Path(tmp) / "ws"
+        make_workspace(workspace, 0)
+        starts = cold_starts(roots, workspace, args.repeats, env, Path(tmp))
+        for name, results in starts.items():
+            entry = {"first_frame_s": stats([r["first_frame"]["wall"] for r in results])}
+            entry["first_frame_cpu_s"] = stats([r["first_frame"]["cpu"] for r in results])
+            if name != BASELINE:
+                entry["dataset_rows_s"] = stats([r["rows"]["wall"] for r in results])
+                entry["dataset_rows_cpu_s"] = stats([r["rows"]["cpu"] for r in results])
+            report[name] = entry
+        if not args.skip_latency:
+            rounds = 2
+            collected: dict[str, list[float]] = {name: [] for name in roots}
+            seen: dict[str, int] = dict.fromkeys(roots, 0)
+            for _ in range(rounds):
+                for name, root in roots.items():
+                    probe_ws = Path(tmp) / f"ws-latency-{name}"
+                    if not probe_ws.exists():
+                        make_workspace(probe_ws, 0, runs=("finished",), dataset=False)
+                    result = latency_in_subprocess(root, probe_ws, args.rate, args.samples // rounds, env)
+                    collected[name] += result["latencies_ms"]
+                    seen[name] += result["events"]
+            for name in roots:
+                report[name]["key_latency_ms"] = stats(collected[name], 1)
+                report[name]["events_streamed"] = seen[name]
     print(
-        f"cold start to first frame: median {result['first_frame_s']['median']} s "
-        f"(max {result['first_frame_s']['max']} s; "
-        f"whole process incl. exit {result['process_total_s']['median']} s; "
-        f"a two-widget Textual app: {result['textual_hello_world_first_frame_s']} s)  target ≤ 0.3 s"
+        f"cold start to first frame, median of {args.repeats} "
+        f"({'byte-compiled' if report['bytecode'] else 'compiled on every start'}; wall / CPU):"
     )
-    print(
-        f"dataset rows on screen: median {result['dataset_rows_shown_s']['median']} s "
-        f"(max {result['dataset_rows_shown_s']['max']} s)"
-    )
-    print(
-        f"key latency with {args.rate:.0f} events/s streaming: "
-        f"median {result['key_latency_ms']['median']} ms, "
-        f"p95 {result['key_latency_ms']['p95']} ms, max {result['key_latency_ms']['max']} ms  target ≤ 50 ms"
-    )
-    print(json.dumps(result))
+    for name in report:
+        if isinstance(report[name], dict):
+            entry = report[name]
+            frame, frame_cpu = entry["first_frame_s"]["median"], entry["first_frame_cpu_s"]["median"]
+            line = f"  {name:<9} first frame {frame:.3f} s / {frame_cpu:.3f} s"
+            if "dataset_rows_s" in entry:
+                line += (
+                    f"   dataset rows {entry['dataset_rows_s']['median']:.3f} s / "
+                    f"{entry['dataset_rows_cpu_s']['median']:.3f} s"
+                )
+            if "key_latency_ms" in entry:
+                latency = entry["key_latency_ms"]
+                line += f"   key latency median {latency['median']} ms (p95 {latency['p95']} ms)"
+            print(line)
+    print("targets: first frame ≤ 0.3 s, key latency ≤ 50 ms with 200 events/s streaming")
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import struct
 import sys
 import time
@@ -938,8 +939,20 @@ def run_export(
     ):
         plan = preflight(options, free_disk=free_disk, free_memory=free_memory, clock=clock)
         _claim_export_dir(plan.export_dir, force=options.force)
-        inject_fault("preflight")
-        _clear_previous_outputs(plan.export_dir)
+    try:
+        return _export_stages(plan, options, writer, clock, started)
+    finally:
+        with contextlib.suppress(OSError):
+            (plan.export_dir / PID_FILE).unlink()
+
+
+def _export_stages(
+    plan: ExportPlan, options: ExportOptions, writer: EventWriter | None, clock: StageClock, started: float
+) -> dict[str, Any]:
+    """Every stage after pre-flight, in order; each stage's outputs appear only once the stage succeeded."""
+    # The pre-flight fault strikes before anything an earlier attempt left is touched.
+    inject_fault("preflight")
+    _clear_previous_outputs(plan.export_dir)
     _emit_log(
         writer,
         f"exporting {plan.run_id} step {plan.step} ({plan.architecture}, "
@@ -981,7 +994,8 @@ def run_export(
         questions = parity.select_questions(
             plan.run_dir, plan.recipe, plan.workspace, per_split=options.parity_questions
         )
-        total = len(questions) * (1 + len(plan.quants))
+        # The unquantized GGUF shows what conversion alone changed; each quantized one adds its rounding.
+        total = len(questions) * (1 + len(files))
         with clock.stage(
             "parity",
             total=max(total, 1),
@@ -990,7 +1004,7 @@ def run_export(
         ):
             parity_report = parity.run_parity(
                 plan,
-                {q: files[q] for q in plan.quants},
+                files,
                 questions,
                 clock,
                 max_new_tokens=options.max_new_tokens or None,
@@ -1003,8 +1017,6 @@ def run_export(
 
     atomic_write_text(plan.export_dir / REPORT_MD, report_markdown(report))
     atomic_write_text(plan.export_dir / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    with contextlib.suppress(OSError):
-        (plan.export_dir / PID_FILE).unlink()
     return {
         "export_dir": str(plan.export_dir),
         "files": {kind: str(path) for kind, path in files.items()},
@@ -1159,6 +1171,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m engine.export`: events on stdout and in <export dir>/events.jsonl."""
     stream: IO[str] = claim_stdout()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # A stop from the TUI (SIGTERM) unwinds like Ctrl-C, so every stage removes its temp files on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
     args = build_parser().parse_args(argv)
     writer = EventWriter(stream)
     started = time.time()
@@ -1242,6 +1256,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     writer.close()
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    del signum, frame
+    raise KeyboardInterrupt
 
 
 def _is_oom(exc: BaseException) -> bool:

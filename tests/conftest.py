@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -151,11 +150,3 @@ def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
     if summary.status != "finished":
         pytest.fail(f"tiny run ended {summary.status}: {summary.cause} {summary.next_step} (see {run_dir})")
     return run_dir
-
-
-@pytest.fixture
-def events_of() -> Iterator[object]:
-    """A function reading a run folder's events (parsed) in order."""
-    from engine.events import read_events
-
-    yield lambda run_dir: read_events(Path(run_dir) / "events.jsonl")

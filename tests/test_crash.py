@@ -57,6 +57,7 @@ def test_sigkill_during_dataset_save_leaves_the_old_or_the_new_file(
     assert dry.code == 0 and dry.writes, dry
     rng = random.Random(SEED)
     outcomes = []
+    temps_left = 0
     for trial in range(DATASET_TRIALS):
         save_pairs(dataset, versions["old"])
         for leftover in folder.glob(".*"):
@@ -75,6 +76,7 @@ def test_sigkill_during_dataset_save_leaves_the_old_or_the_new_file(
         if found is None or load_pairs(dataset) != versions[found]:
             trials.lost()
         outcomes.append((kill, result.killed, found, leftover_problems(folder, {dataset.name})))
+        temps_left += any(folder.glob(".*"))
     lost = [outcome for outcome in outcomes if outcome[2] is None]
     assert not lost, f"a kill left a file that is neither version: {lost}"
     assert not [outcome for outcome in outcomes if outcome[3]], (
@@ -82,9 +84,15 @@ def test_sigkill_during_dataset_save_leaves_the_old_or_the_new_file(
     )
     assert all(killed for _, killed, _, _ in outcomes), outcomes
     assert {found for _, _, found, _ in outcomes} == {"old", "new"}, "kills landed before and after a rename"
+    ended = [found for _, _, found, _ in outcomes]
+    trials.note(
+        f"{ended.count('old')} kills left the old file, {ended.count('new')} the new one; "
+        f"{temps_left} left a temp file beside it"
+    )
 
 
 @family("crash-checkpoint")
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_writes_leaves_only_complete_checkpoints(
     kill_chain_run: KillChain, trials: Trials
 ) -> None:
@@ -106,6 +114,7 @@ def test_sigkill_during_checkpoint_writes_leaves_only_complete_checkpoints(
     assert sum(trial.resumed for trial in chain.trials) >= CHAIN_TRIALS - 2, (
         "most attempts resumed a checkpoint"
     )
+    trials.note(f"complete checkpoints after each kill: {progress}")
 
 
 EXPORT_TRIALS = 12
@@ -113,6 +122,7 @@ EXPORT_QUANTS = "q4_0,q8_0"
 
 
 @family("crash-export")
+@pytest.mark.slow
 def test_sigkill_during_export_leaves_nothing_half_written_under_a_final_name(
     tiny_run_dir: Path, tmp_path: Path, ml_zygote: Zygote, trials: Trials
 ) -> None:
@@ -156,5 +166,13 @@ def test_sigkill_during_export_leaves_nothing_half_written_under_a_final_name(
     assert [(kill, problems) for kill, _, _, _, problems in outcomes if problems] == []
     assert all(killed for _, killed, _, _, _ in outcomes), outcomes
     # The next export after all those kills finishes and clears what the killed ones left.
+    seen = [names for _, _, _, names, _ in outcomes]
+    trials.note(
+        f"after the kills: {sum('merged' in names for names in seen)} had merged/, "
+        f"{sum(any(n.endswith('-f16.gguf') for n in names) for names in seen)} an f16 GGUF, "
+        f"{sum(any(n.endswith('-q8_0.gguf') for n in names) for names in seen)} every GGUF, "
+        f"{sum(finished for _, _, finished, _, _ in outcomes)} report.json, "
+        f"{sum(any('.partial-' in n for n in names) for names in seen)} a temp file"
+    )
     final = ml_zygote.trial("engine.export:main", argv, watch=out)
     assert final.code == 0 and export_problems(out) == [] and partial_files(out) == []

@@ -135,12 +135,16 @@ def test_parity_report_shows_adapter_and_every_gguf_side_by_side(tiny_export: di
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     parity = report["parity"]
     assert parity["questions"] == 6 and parity["by_split"] == {"train": 6}
-    assert set(parity["files"]) == set(QUANTS)
+    assert set(parity["files"]) == {"f16", *QUANTS}
     assert parity["files"]["q8_0"]["agreement_train"] >= 0.9
-    for kind in QUANTS:
+    assert (
+        parity["files"]["f16"]["agreement_train"] == 1.0 and parity["files"]["f16"]["token_agreement"] == 1.0
+    )
+    for kind in ("f16", *QUANTS):
         summary = parity["files"][kind]
         assert summary["runaway"] == 0 and summary["tokens_per_s"] > 0 and summary["size_bytes"] > 0
         assert summary["llama_cpp_type"] == kind
+        assert 0.9 <= summary["token_agreement"] <= 1.0
     assert parity["adapter"]["reference_similarity"] >= 0.9
     row = parity["rows"][0]
     assert {"question", "reference", "adapter", *QUANTS} <= set(row)
@@ -333,3 +337,32 @@ def test_qlora_run_merges_into_a_16bit_reload_of_the_base(
     report = json.loads(Path(outputs["report_json"]).read_text())
     assert report["method"] == "qlora" and report["merge_dtype"] in ("float32", "bfloat16")
     assert report["parity"]["files"]["q8_0"]["agreement"] >= 0.9
+
+
+def test_stopping_the_process_mid_convert_keeps_no_partial_file(tiny_run_dir: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from engine.events import EventTail
+    from engine.export import LOG_NAMES, partial_files
+
+    out = tmp_path / "export"
+    command = [sys.executable, "-m", "engine.export", "--run-dir", str(tiny_run_dir), "--out", str(out)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(), cwd=REPO_ROOT
+    )
+    deadline = time.monotonic() + 300
+    tail = EventTail(out / "events.jsonl")
+    converting = False
+    while not converting and time.monotonic() < deadline:
+        converting = any(isinstance(e, Progress) and e.stage == "convert" for e in tail.poll())
+        time.sleep(0.05)
+    assert converting
+    time.sleep(1.0)  # the converter subprocess is running now
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 130
+    last = parse_event(stdout.strip().splitlines()[-1])
+    assert isinstance(last, RunFailed) and last.title == "Export stopped"
+    assert partial_files(out) == []
+    assert {p.name for p in out.iterdir()} - LOG_NAMES <= {"merged"}

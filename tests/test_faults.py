@@ -75,6 +75,7 @@ def curve(events: list) -> dict[int, float]:
 
 
 @family("training-faults")
+@pytest.mark.slow
 def test_cli_resume_after_repeated_kills_continues_one_loss_curve_and_overwrites_nothing(
     kill_chain_run: KillChain, ml_zygote: Zygote, reliability_workspace: Workspace, trials: Trials
 ) -> None:
@@ -124,6 +125,11 @@ def test_cli_resume_after_repeated_kills_continues_one_loss_curve_and_overwrites
     measured = curve(events)
     worst = max(abs(measured[step] - expected[step]) / max(abs(expected[step]), 1e-6) for step in expected)
     assert worst < 1e-3, f"the resumed curve departs from the uninterrupted one by {worst:.2e}"
+    identical = sum(measured[step] == expected[step] for step in expected)
+    trials.note(
+        f"{len(runs)} attempts; loss vs an uninterrupted run: worst relative difference {worst:.1e}, "
+        f"{identical}/{len(expected)} steps bit-identical"
+    )
     trials.case()
 
 
@@ -276,6 +282,9 @@ def test_oom_and_a_vanished_model_fail_within_five_seconds_and_the_train_tab_mar
     assert oom.event.title == "Out of memory" and "train.batch_size" in oom.event.next_step
     assert gone.event.title == "Model problem" and gone.event.next_step
     assert oom.seconds < FAILURE_BUDGET_S and gone.seconds < FAILURE_BUDGET_S, (oom.seconds, gone.seconds)
+    trials.note(
+        f"run_failed after {oom.seconds:.2f} s (OOM, from the last step) and {gone.seconds:.2f} s (no model)"
+    )
     for failure in (oom, gone):
         assert summarize_run(failure.run_dir).status == "failed"
         assert checkpoint_dirs(failure.run_dir) == []

@@ -172,6 +172,10 @@ def test_checkpoint_on_a_full_disk_keeps_earlier_checkpoints_and_resumes_once_th
         name: tree_digest(run_dir / "checkpoints" / name) for name in full_run.digests
     } == full_run.digests
     assert latest_checkpoint(run_dir).name == "step_20"
+    trials.note(
+        f"{len(full_run.digests)} checkpoints before the disk filled; reported as {full_run.failed.title}: "
+        f"{full_run.failed.cause}"
+    )
     trials.case()
 
 
@@ -243,16 +247,20 @@ def full_exports(
 
 
 @family("disk-full")
+@pytest.mark.slow
 def test_export_on_a_full_disk_fails_with_run_failed_and_nothing_broken_under_a_final_name(
     full_exports: list[FullExport], trials: Trials
 ) -> None:
     assert [(e.stage, e.problems) for e in full_exports if e.problems] == []
     assert all(e.failed is not None and e.failed.next_step for e in full_exports), full_exports
     assert {"merge", "convert"} <= {e.stage for e in full_exports}, [e.stage for e in full_exports]
+    for export in full_exports:
+        trials.note(f"disk full in {export.stage}: {export.failed.title}: {export.failed.cause}")
     trials.case(len(full_exports))
 
 
 @family("disk-full")
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_BUG)
 def test_export_on_a_full_disk_says_the_disk_is_full(full_exports: list[FullExport], trials: Trials) -> None:
     trials.case(len(full_exports))

@@ -336,3 +336,14 @@ def test_export_from_the_train_tab_preselects_the_run(workspace: Workspace) -> N
             await app.action_quit()
 
     asyncio.run(main())
+
+
+def test_a_report_without_parity_still_lists_its_files(workspace: Workspace) -> None:
+    from tui.export_report import answer_rows, file_rows, load_report, summary_line
+
+    report = load_report(past_export(workspace, "--no-parity", "--quant", "q4_0"))
+    assert [(row.kind, row.agreement, row.size_bytes is not None) for row in file_rows(report)] == [
+        ("f16", None, True),
+        ("q4_0", None, True),
+    ]
+    assert answer_rows(report) == [] and "parity check skipped" in summary_line(report)

@@ -319,7 +319,9 @@ class EngineProcess:
         if quit_request is not None:
             with contextlib.suppress(EngineError):
                 await self.send(quit_request)
-        for signal_step in ("wait", "terminate", "kill"):
+        # Without a quit request there is nothing to wait for: the process is terminated at once.
+        steps = ("wait", "terminate", "kill") if quit_request is not None else ("terminate", "kill")
+        for signal_step in steps:
             if signal_step == "terminate":
                 with contextlib.suppress(ProcessLookupError):
                     process.terminate()

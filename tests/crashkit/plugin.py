@@ -57,10 +57,11 @@ class FamilyCount:
 
 @dataclasses.dataclass
 class Recorded:
-    """Cases and data losses one test reported."""
+    """Cases, data losses and measurements one test reported."""
 
     cases: int = 0
     data_lost: int = 0
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 class Ledger:
@@ -146,6 +147,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         count.run += 1
         recorded = item.stash.get(RECORDED, Recorded())
         count.data_lost += recorded.data_lost
+        count.notes += [f"{item.name}: {note}" for note in recorded.notes]
         if hasattr(report, "wasxfail"):
             count.known_bugs += 1
             count.cases += max(recorded.cases, 1)
@@ -184,6 +186,10 @@ class Trials:
     def lost(self, count: int = 1) -> None:
         """Count cases in which data was lost (the test then fails)."""
         self.recorded.data_lost += count
+
+    def note(self, text: str) -> None:
+        """Keep a measurement (a timing, a deviation) in build/reliability.json beside the counts."""
+        self.recorded.notes.append(text)
 
 
 @pytest.fixture

@@ -519,5 +519,8 @@ class ChatView(TabView):
         text.append("\n")
         text.append(self.sampling.describe(), style="dim")
         text.append(" · compare ", style="dim")
-        text.append("on" if self.compare else "off", style="bold" if self.compare else "dim")
+        if self.compare and self.source is not None and self.source.kind not in ("run", "adapter"):
+            text.append("needs an adapter", style="dim")
+        else:
+            text.append("on" if self.compare else "off", style="bold" if self.compare else "dim")
         self.query_one("#chat-bar", Static).update(text)

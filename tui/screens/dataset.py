@@ -207,7 +207,8 @@ class DatasetView(TabView):
         self.counts, self.lints_by_row, self.lint_version = [], defaultdict(list), -1
         self.save_error = ""
         self._rebuild_table(focus_row=0)
-        self._relint()
+        # Token counts and lints (and the tokenizer they may import) start once the rows are on screen.
+        self.call_after_refresh(self._relint)
         if event.document.problems:
             first = event.document.problems[0]
             self.notify(
@@ -400,7 +401,8 @@ class DatasetView(TabView):
     def _render_preview(self, pair: QAPair) -> None:
         if not self.query_one("#ds-preview").display:
             return
-        self._preview_worker(pair, self.tokenizer_model)
+        # After the next frame: the worker imports the template engine, which would hold up the rows' frame.
+        self.call_after_refresh(self._preview_worker, pair, self.tokenizer_model)
 
     @work(thread=True, exclusive=True, group="dataset-preview", exit_on_error=False)
     def _preview_worker(self, pair: QAPair, model: str) -> None:

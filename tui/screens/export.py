@@ -8,6 +8,7 @@ question with the reference, the adapter's answer and each GGUF's. c opens the C
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -62,6 +63,10 @@ NEWEST = "newest"
 FORM_PAGE = "export-form-page"
 REPORT_PAGE = "export-report-page"
 PREFLIGHT_STAGE = "preflight"
+# The log line engine/export.py writes once its pre-flight passed.
+PREFLIGHT_SUMMARY = re.compile(
+    r"exporting (?P<run>\S+) step (?P<step>\d+) \((?P<model>.*)\) to (?P<folder>.+)"
+)
 # Width of the answer columns' fixed parts: row number, and each GGUF's `100% ✗R` cell.
 NUMBER_WIDTH = 3
 GGUF_CELL_WIDTH = 7
@@ -467,10 +472,13 @@ class ExportView(TabView):
             self.current_stage = event.stage
             (await self._stage_row(event.stage)).show(event)
         elif isinstance(event, Log):
-            if event.level == "info" and event.message.startswith("exporting ") and " to " in event.message:
+            found = PREFLIGHT_SUMMARY.fullmatch(event.message) if event.level == "info" else None
+            if found is not None:
                 # The engine's pre-flight summary: what it found (architecture, size, method) and the folder.
-                self._preflight_passed(event.message.removeprefix("exporting "))
-                self.export_dir = Path(event.message.rsplit(" to ", 1)[1])
+                self.export_dir = Path(found["folder"])
+                self._preflight_passed(
+                    f"{found['model']} · step {found['step']} → {self._shown_path(self.export_dir)}"
+                )
             elif event.level in ("warning", "error"):
                 self._status(f"⚠ {event.message}")
         elif isinstance(event, RunFinished):
@@ -535,8 +543,12 @@ class ExportView(TabView):
         if self.report_dir is None and self.exports:
             finished = [record for record in self.exports if record.status == "finished"]
             self.open_report((finished or self.exports)[0].folder)
-        else:
-            self._show_page(REPORT_PAGE)
+            return
+        if not self.exports:
+            self.query_one("#report-summary", Static).update(
+                Text("No exports yet: r goes back to the form, x exports the chosen run.", style="dim")
+            )
+        self._show_page(REPORT_PAGE)
 
     def _show_page(self, page: str) -> None:
         switcher = self.query_one(ContentSwitcher)

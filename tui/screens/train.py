@@ -152,6 +152,16 @@ class RunDetail(Vertical):
         self._shown: dict[str, Text] = {}
         self.query_one("#run-problem").display = False
 
+    big_log = False
+
+    def toggle_big_log(self) -> None:
+        """Swap the room of the plot and the log tail."""
+        self.big_log = not self.big_log
+        # Inline heights, not a CSS class: a class change restyles every widget of the detail, which a key
+        # press would wait for.
+        self.query_one("#run-log", LogTail).styles.height = "1fr" if self.big_log else 4
+        self.query_one(LossPlot).styles.height = 4 if self.big_log else "1fr"
+
     def _update(self, widget_id: str, content: Text) -> None:
         """Update a Static only when its content changed (an unchanged update still costs a repaint)."""
         if self._shown.get(widget_id) != content:
@@ -422,4 +432,4 @@ class TrainView(TabView):
 
     def action_toggle_log(self) -> None:
         """Give the log tail more room (or the plot back)."""
-        self.query_one(RunDetail).toggle_class("-big-log")
+        self.query_one(RunDetail).toggle_big_log()
