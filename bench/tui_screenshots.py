@@ -72,16 +72,17 @@ async def shoot(workspace, out: Path, size: tuple[int, int]) -> list[Path]:
         app.query_one("#export-run").value = FINISHED
         await pilot.pause(0.3)
         await pilot.press("x")
-        await wait_for(pilot, lambda: export.finished and export.report is not None, 30)
+        # Mid-export: the pre-flight verdict, finished stages with their times, the current one with its ETA.
+        await wait_for(pilot, lambda: bool(app.query("#stage-quantize-q5_1")), 30)
+        await pilot.pause(0.4)
+        written.append(Path(app.save_screenshot(str(out / "tui-export.svg"))))
+        await wait_for(pilot, lambda: export.finished and export.report is not None, 60)
         # The parity report opens by itself; show a question where q4_0 ran away from the adapter's answer.
         answers = app.query_one("#parity-answers")
         runaway = next(i for i, row in enumerate(export.answers) if any(cell.runaway for cell in row.cells))
         answers.move_cursor(row=runaway)
         await pilot.pause(0.5)
         written.append(Path(app.save_screenshot(str(out / "tui-export-report.svg"))))
-        await pilot.press("r")
-        await pilot.pause(0.5)
-        written.append(Path(app.save_screenshot(str(out / "tui-export.svg"))))
 
         await pilot.press("f10")
         await pilot.pause(0.5)
@@ -101,6 +102,8 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             os.environ["HOME"] = tmp
+            # Slow enough that the export screenshot catches it mid-way.
+            os.environ["FAKE_EXPORT_DELAY"] = "0.3"
             workspace = make_workspace(Path(tmp) / "tunes", trainer.pid)
             for path in asyncio.run(shoot(workspace, args.out, (args.width, args.height))):
                 print(path)

@@ -29,12 +29,31 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+# Below this much free space, a library's bare "write failed" is taken to mean the disk is full.
+NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def is_disk_full(exc: BaseException, folder: Path) -> bool:
+    """ENOSPC however a library reports it: an OSError, safetensors' "os error 28", or a bare write failure on a
+    disk with almost no room left (torch and llama.cpp carry no errno)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    text = str(exc)
+    if "os error 28" in text or "No space left on device" in text:
+        return True
+    if "file write failed" in text or "iostream error" in text or "failed to write" in text:
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    return False
+
+
 def disk_error(exc: OSError, what: str) -> EngineError:
     """Turn an OSError raised while writing `what` into the one-sentence error a user can act on."""
     if exc.errno == errno.ENOSPC:
         return DiskFullError(
             f"The disk filled up while writing {what}; the previous version is untouched.",
-            next_step="Free some disk space (or point the workspace at a bigger disk) and try again.",
+            next_step="Free some disk space (or point the workspace at a bigger disk) and try again; "
+            "a stopped run resumes from its last checkpoint.",
         )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return EngineError(

@@ -16,12 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "tui"))
 from textual.widgets import Checkbox, DataTable, Input, Select
 from tui_workspace import FAILED, FAKE_EXPORT, FINISHED, engine_for, make_workspace, screen_text, wait_for
 
-from engine.workspace import Workspace
+from engine.workspace import Workspace, pid_alive
 from tui.app import create_app
 from tui.export_report import similarity
 from tui.screens.chat import ChatMessage, ChatView
 from tui.screens.export import ExportView, StageRow
-from tui.screens.modals import TextScreen
+from tui.screens.modals import ConfirmScreen, TextScreen
 from tui.screens.train import TrainView
 
 STAGES = [
@@ -347,3 +347,49 @@ def test_a_report_without_parity_still_lists_its_files(workspace: Workspace) -> 
         ("q4_0", None, True),
     ]
     assert answer_rows(report) == [] and "parity check skipped" in summary_line(report)
+
+
+def test_an_export_outlives_the_tui_and_shows_again_when_it_reopens(
+    workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_EXPORT_DELAY", "0.15")
+    pids: list[int] = []
+
+    async def first(app, pilot, view) -> None:
+        app.query_one("#export-run", Select).value = FINISHED
+        await pilot.pause(0.1)
+        await pilot.press("x")
+        await wait_for(pilot, lambda: "merge" in [row.stage for row in view.query(StageRow)])
+        pids.append(view.export_pid)
+
+    run_export(workspace, first)
+    assert pid_alive(pids[0]), "quitting the TUI stopped the export"
+
+    async def second(app, pilot, view) -> None:
+        await wait_for(pilot, lambda: view.running and view.export_pid == pids[0])
+        assert "Following the export" in str(app.query_one("#export-status").render())
+        await wait_for(pilot, lambda: view.finished and view.report is not None, timeout=20)
+        stages = [row.stage for row in view.query(StageRow)]
+        assert stages[:2] == ["preflight", "merge"] and stages[-1] == "parity"  # replayed, then followed
+        assert view.report_dir == (workspace.exports_dir / f"{FINISHED}-step48").resolve()
+
+    run_export(workspace, second)
+
+
+def test_escape_stops_a_running_export_after_asking(
+    workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_EXPORT_DELAY", "0.3")
+
+    async def scenario(app, pilot, view) -> None:
+        await pilot.press("x")
+        await wait_for(pilot, lambda: bool(view.query(StageRow)))
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not view.running)
+        assert not view.finished and not pid_alive(view.export_pid)
+        assert "Export stopped" in str(app.query_one("#export-status").render())
+        assert not app._notifications  # a stop the user asked for is not reported as a failure
+
+    run_export(workspace, scenario)

@@ -48,7 +48,7 @@ GLOBAL_BINDINGS = [
 ]
 
 HELP_TIPS = """Tips
-• Training runs detached: quit the TUI or drop SSH and the run goes on; reopen tunedeck to see it again.
+• Training runs and exports are detached: quit the TUI or drop SSH and they go on; reopen tunedeck to see them.
 • Keys 1-4 switch tabs (F1-F4 too); inside a text field, use F1-F4 or escape first.
 • ctrl+p opens the command palette: every action of every tab, searchable.
 • Everything works at 80×24 over SSH, in tmux and screen, keyboard only."""
@@ -209,7 +209,7 @@ class TunedeckApp(App[None]):
             self.push_screen(ErrorScreen(failure))
 
     async def action_quit(self) -> None:
-        """Quit; chat and export engines are asked to exit, training runs keep going."""
+        """Quit; the chat engine is asked to exit, training runs and exports keep going."""
         for view in self.mounted_views():
             await view.shutdown()
         self.exit()

@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -218,6 +219,29 @@ class EngineClient:
         if force:
             args.append("--force")
         return self.module_argv("engine.export", *args)
+
+    def spawn_detached(self, argv: list[str], stderr_path: Path) -> subprocess.Popen[bytes]:
+        """Start an engine process that outlives the TUI (its own session, no terminal, stderr to a file), as
+        `tunedeck export` starts exports: it follows the work through the events file the engine writes."""
+        stderr_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(stderr_path, "ab") as stderr:
+                return subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    cwd=self.workspace.root,
+                    env=self.subprocess_env(),
+                    start_new_session=True,
+                    close_fds=True,
+                )
+        except OSError as exc:
+            raise EngineError(
+                f"The engine could not be started ({exc.strerror or exc}).",
+                title="Engine did not start",
+                next_step="Run `tunedeck doctor` to check the installation.",
+            ) from exc
 
     def subprocess_env(self) -> dict[str, str]:
         """The environment of engine subprocesses: this one, with the repository importable and the workspace

@@ -84,6 +84,8 @@ def export_record(folder: Path) -> ExportRecord:
         if isinstance(event, RunStarted):
             last = []
         last.append(event)
+    if not pid and last and isinstance(last[0], RunStarted):
+        pid = last[0].pid
     end = next((event for event in reversed(last) if isinstance(event, (RunFailed, RunFinished))), None)
     if isinstance(end, RunFailed):
         return ExportRecord(folder, "failed", changed, f"{end.title}: {end.cause}")

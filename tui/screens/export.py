@@ -1,15 +1,21 @@
-"""The Export tab: run `python -m engine.export` on a run's checkpoint and read the parity report it writes.
+"""The Export tab: run the export engine on a run's checkpoint and read the parity report it writes.
 
 Two pages, r switches: the form (run, checkpoint, quantisation types, folder) with a pre-flight verdict and
 per-stage progress; and the report of one export (this one when it finishes, or any earlier one found under
 <workspace>/exports/): per-file agreement with the adapter, tokens/s, size and runaway answers, then every
 question with the reference, the adapter's answer and each GGUF's. c opens the Chat tab on a GGUF file.
+
+`python -m engine.export` runs detached, as `tunedeck export` starts it: quitting the TUI or losing SSH leaves it
+running, and the tab follows it through <export dir>/events.jsonl, again when tunedeck is reopened.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
-import time
+import signal
+import subprocess
 from pathlib import Path
 from typing import ClassVar
 
@@ -30,13 +36,15 @@ from textual.widgets import (
     Select,
     Static,
 )
+from textual.worker import get_current_worker
 
 from engine.errors import EngineError, ExportError
-from engine.events import Event, Log, Progress, RunFailed, RunFinished
+from engine.events import Event, EventTail, Log, Progress, RunFailed, RunFinished, RunStarted
 from engine.workspace import checkpoint_dirs, checkpoint_step, latest_checkpoint, pid_alive
-from tui.engine_client import ChatSource, EngineProcess
+from tui.engine_client import ChatSource
 from tui.export_report import (
     DEFAULT_QUANTS,
+    EVENTS_FILE,
     LLAMA_TYPES,
     PID_FILE,
     REPORT_JSON,
@@ -63,6 +71,8 @@ NEWEST = "newest"
 FORM_PAGE = "export-form-page"
 REPORT_PAGE = "export-report-page"
 PREFLIGHT_STAGE = "preflight"
+STDERR_FILE = "stderr.log"
+FOLLOW_INTERVAL_S = 0.2
 # The log line engine/export.py writes once its pre-flight passed.
 PREFLIGHT_SUMMARY = re.compile(
     r"exporting (?P<run>\S+) step (?P<step>\d+) \((?P<model>.*)\) to (?P<folder>.+)"
@@ -125,7 +135,7 @@ class StageRow(Horizontal):
     def __init__(self, stage: str) -> None:
         super().__init__(id=stage_id(stage), classes="stage-row")
         self.stage = stage
-        self.started = time.monotonic()
+        self.started: float | None = None
 
     def compose(self) -> ComposeResult:
         yield Label(self.stage, classes="stage-name")
@@ -137,9 +147,11 @@ class StageRow(Horizontal):
         bar = self.query_one(ProgressBar)
         if event.total:
             bar.update(total=event.total, progress=event.current)
+        # The events' own times, so a stage replayed from events.jsonl shows how long it really took.
+        self.started = event.time if self.started is None else self.started
         done = event.total and event.current >= event.total
         timing = (
-            f" · {format_duration(time.monotonic() - self.started)}"
+            f" · {format_duration(event.time - self.started)}"
             if done
             else (f" · eta {format_duration(event.eta_s)}" if event.eta_s else "")
         )
@@ -183,6 +195,9 @@ class ExportView(TabView):
         self.finished = False
         self.current_stage = ""
         self.checked = False
+        self.cancelling = False
+        self.export_pid = 0
+        self._process: subprocess.Popen[bytes] | None = None
         self.export_dir: Path | None = None
         self.exports: list[ExportRecord] = []
         self.report: dict | None = None
@@ -238,6 +253,8 @@ class ExportView(TabView):
 
     def on_mount(self) -> None:
         self._refresh_runs()
+        self._refresh_exports()
+        self._follow_running_export()
 
     def focus_default(self) -> None:
         if self.query_one(ContentSwitcher).current == REPORT_PAGE:
@@ -404,52 +421,92 @@ class ExportView(TabView):
         step = (
             None if checkpoint is Select.NULL or str(checkpoint).startswith(NEWEST) else int(str(checkpoint))
         )
-        typed_out = self.query_one("#export-out", Input).value.strip()
-        out_dir = self._out_dir() if typed_out else None
+        out_dir = self._out_dir()
         force = self.query_one("#export-force", Checkbox).value
+        if out_dir is None:
+            return
+        argv = self.engine.export_argv(run_dir, step, quants, out_dir=out_dir, force=force)
+        try:
+            process = self.engine.spawn_detached(argv, out_dir / STDERR_FILE)
+        except EngineError as exc:
+            self.app.show_failure(exc)  # type: ignore[attr-defined]
+            return
+        self._follow(out_dir, process.pid, process)
+        self._status(
+            f"Exporting {run_dir.name} at step {self._chosen_step()} → f16 + {', '.join(quants)} (pid "
+            f"{process.pid}); it goes on if you quit, and shows here again when you come back. esc stops it."
+        )
+
+    def _follow(self, export_dir: Path, pid: int, process: subprocess.Popen[bytes] | None) -> None:
+        """Show the progress of the export writing into `export_dir`: started here, or found running."""
         self.query_one("#export-stages", VerticalScroll).remove_children()
         self.running, self.finished, self.current_stage, self.checked = True, False, "", False
-        self.export_dir = self._out_dir()
-        self._status(
-            f"Exporting {run_dir.name} at step {self._chosen_step()} → f16 + {', '.join(quants)}… "
-            "(esc cancels; it stops if the TUI quits)"
-        )
-        self._export_worker(run_dir, step, quants, out_dir, force)
+        self.cancelling = False
+        self.export_dir, self.export_pid, self._process = export_dir, pid, process
+        if not export_dir.resolve().is_relative_to(self.workspace.exports_dir.resolve()):
+            # Listed with the others for as long as this TUI runs (only exports/ is searched on a restart).
+            self._written_elsewhere.append(export_dir)
+        self._follow_worker(export_dir, pid, process)
 
-    @work(exclusive=True, group="export", exit_on_error=False)
-    async def _export_worker(
-        self, run_dir: Path, step: int | None, quants: list[str], out_dir: Path | None, force: bool
-    ) -> None:
-        process = EngineProcess(
-            self.engine.export_argv(run_dir, step, quants, out_dir=out_dir, force=force),
-            env=self.engine.subprocess_env(),
-            cwd=self.workspace.root,
-            log_path=self.engine.log_path("export"),
-        )
-        try:
-            try:
-                await process.start()
-            except EngineError as exc:
+    @work(thread=True, exclusive=True, group="export", exit_on_error=False)
+    def _follow_worker(self, export_dir: Path, pid: int, process: subprocess.Popen[bytes] | None) -> None:
+        """Read the export's events file until its final event or its process's end; posts messages only."""
+        worker = get_current_worker()
+        tail = EventTail(export_dir / EVENTS_FILE)
+        # events.jsonl keeps every attempt; this one's events start at the run_started carrying its pid.
+        ours = False
+        while not worker.is_cancelled:
+            alive = process.poll() is None if process is not None else pid_alive(pid)
+            for event in tail.poll():
+                ours = ours or (isinstance(event, RunStarted) and event.pid == pid)
+                if not ours:
+                    continue
+                self.post_message(self.EngineEvent(event))
+                if isinstance(event, (RunFinished, RunFailed)):
+                    # The process exits right after its final event; it is reaped then, not waited for here.
+                    self.post_message(self.EngineExited(0, "", export_dir / STDERR_FILE))
+                    return
+            if not alive:
+                code = process.returncode if process is not None else -1
                 self.post_message(
-                    self.EngineExited(-1, f"{exc.message} {exc.next_step}".strip(), process.log_path)
+                    self.EngineExited(code, _exit_cause(export_dir, code), export_dir / STDERR_FILE)
                 )
                 return
-            async for event in process.events():
-                self.post_message(self.EngineEvent(event))
-            code = await process.wait()
-            self.post_message(self.EngineExited(code, process.exit_cause(code), process.log_path))
-        finally:
-            await process.close()
+            worker.cancelled_event.wait(FOLLOW_INTERVAL_S)
 
     def action_cancel_export(self) -> None:
-        """Stop a running export (or go back to the form from a report)."""
-        if self.running:
-            self.workers.cancel_group(self, "export")
-            self.running = False
-            self._status("Export cancelled; nothing half-written is kept.")
-            self._update_preflight()
-        elif self.query_one(ContentSwitcher).current == REPORT_PAGE:
-            self._show_page(FORM_PAGE)
+        """Stop the running export (or go back to the form from a report)."""
+        if not self.running:
+            if self.query_one(ContentSwitcher).current == REPORT_PAGE:
+                self._show_page(FORM_PAGE)
+            return
+        from tui.screens.modals import ConfirmScreen
+
+        def confirmed(yes: bool | None) -> None:
+            if yes and self.running:
+                self.cancelling = True
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(self.export_pid, signal.SIGTERM)
+                self._status("Stopping the export…")
+
+        self.app.push_screen(
+            ConfirmScreen(
+                "Stop export",
+                "Stop the running export? Its unfinished files are removed when it runs again.",
+                "Stop",
+            ),
+            confirmed,
+        )
+
+    def _follow_running_export(self) -> None:
+        """Pick up an export that is still running (started before this TUI was opened)."""
+        running = next((record for record in self.exports if record.status == "running"), None)
+        if running is None or self.running:
+            return
+        self._follow(running.folder, running.pid, None)
+        self._status(
+            f"Following the export into {self._shown_path(running.folder)} (pid {running.pid}); esc stops it."
+        )
 
     async def _stage_row(self, stage: str) -> StageRow:
         found = self.query(f"#{stage_id(stage)}")
@@ -487,8 +544,6 @@ class ExportView(TabView):
                 row.complete()
             outputs = event.outputs or {}
             folder = Path(outputs.get("export_dir") or self.export_dir or self.workspace.exports_dir)
-            if not folder.is_relative_to(self.workspace.exports_dir):
-                self._written_elsewhere.append(folder)
             files = outputs.get("files") or {}
             self._status(
                 f"✔ Export {event.status} in {format_duration(event.elapsed_s)}: {len(files)} GGUF files in "
@@ -506,9 +561,18 @@ class ExportView(TabView):
     @on(EngineExited)
     def _engine_exited(self, event: EngineExited) -> None:
         self.running = False
-        if not self.finished:
-            self._status(f"✖ {event.cause}")
-            self.app.show_failure(ExportError(event.cause, next_step=f"See {event.log_path}."))  # type: ignore[attr-defined]
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            # It exits right after its final event: reap it then, so no zombie is left behind.
+            self.set_timer(1.0, process.poll)
+        if self.finished:
+            return
+        if self.cancelling:
+            self._status("Export stopped; its unfinished files are removed when it runs again.")
+            self._update_preflight()
+            return
+        self._status(f"✖ {event.cause}")
+        self.app.show_failure(ExportError(event.cause, next_step=f"See {event.log_path}."))  # type: ignore[attr-defined]
 
     def _preflight_passed(self, found: str) -> None:
         self.checked = True
@@ -729,6 +793,18 @@ class ExportView(TabView):
             row = self.query_one("#parity-answers", DataTable).cursor_row
             self._fill_answers_table()
             self.query_one("#parity-answers", DataTable).move_cursor(row=row, animate=False)
+
+
+def _exit_cause(export_dir: Path, code: int) -> str:
+    """Why an export process ended without a final event: its exit code and the last line it logged."""
+    try:
+        lines = (export_dir / STDERR_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        lines = []
+    last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+    detail = f": {last[-200:]}" if last else ""
+    how = f"with code {code}" if code >= 0 else "without reporting an outcome"
+    return f"The export process ended {how}{detail}."
 
 
 def _pid_in(folder: Path) -> int:
