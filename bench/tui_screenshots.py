@@ -32,7 +32,7 @@ async def shoot(workspace, out: Path, size: tuple[int, int]) -> list[Path]:
         await wait_for(pilot, lambda: app.shell_ready)
         from tui.screens.chat import ChatView
         from tui.screens.dataset import DatasetView
-        from tui.screens.export import ExportView
+        from tui.screens.export import ExportView, StageRow
         from tui.screens.train import TrainView
 
         dataset = app.query_one(DatasetView)
@@ -73,7 +73,7 @@ async def shoot(workspace, out: Path, size: tuple[int, int]) -> list[Path]:
         await pilot.pause(0.3)
         await pilot.press("x")
         # Mid-export: the pre-flight verdict, finished stages with their times, the current one with its ETA.
-        await wait_for(pilot, lambda: bool(app.query("#stage-quantize-q5_1")), 30)
+        await wait_for(pilot, lambda: "quantize:q5_1" in [row.stage for row in app.query(StageRow)], 30)
         await pilot.pause(0.4)
         written.append(Path(app.save_screenshot(str(out / "tui-export.svg"))))
         await wait_for(pilot, lambda: export.finished and export.report is not None, 60)

@@ -294,7 +294,8 @@ class ChatView(TabView):
         if isinstance(event, ChatReady):
             self.ready = True
             adapter = f" + {Path(event.adapter).name}" if event.adapter else ""
-            self._note(f"Ready: {event.model}{adapter} ({event.backend}).")
+            model = Path(event.model).name if event.backend == "gguf" else event.model
+            self._note(f"Ready: {model}{adapter} ({event.backend}).")
             self._set_state("ready")
             if self.pending is not None:
                 request, self.pending = self.pending, None

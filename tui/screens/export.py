@@ -433,8 +433,8 @@ class ExportView(TabView):
             return
         self._follow(out_dir, process.pid, process)
         self._status(
-            f"Exporting {run_dir.name} at step {self._chosen_step()} → f16 + {', '.join(quants)} (pid "
-            f"{process.pid}); it goes on if you quit, and shows here again when you come back. esc stops it."
+            f"Exporting {run_dir.name} step {self._chosen_step()} → f16 + {', '.join(quants)} (pid "
+            f"{process.pid}) · it goes on if you quit · esc stops it"
         )
 
     def _follow(self, export_dir: Path, pid: int, process: subprocess.Popen[bytes] | None) -> None:
