@@ -172,7 +172,7 @@ class ExportView(TabView):
         Binding("x", "start_export", "Export"),
         Binding("r", "toggle_report", "Reports"),
         Binding("c", "chat_gguf", "Chat with GGUF"),
-        Binding("escape", "cancel_export", "Cancel export", show=False),
+        Binding("escape", "cancel_export", "Stop export", show=False),
     ]
 
     class EngineEvent(Message):
@@ -287,7 +287,8 @@ class ExportView(TabView):
         options = [newest or ("newest checkpoint", NEWEST)]
         options += [(path.name, str(checkpoint_step(path))) for path in reversed(found)]
         self.query_one("#export-checkpoint", Select).set_options(options)
-        self._update_preflight()
+        if not self.running:
+            self._update_preflight()
 
     def _chosen_step(self) -> int | None:
         """The checkpoint step the export will read (the newest when `newest` is chosen), if any."""
@@ -406,7 +407,7 @@ class ExportView(TabView):
     def action_start_export(self) -> None:
         """Start exporting the chosen run."""
         if self.running:
-            self.notify("An export is already running; esc cancels it.", severity="warning")
+            self.notify("An export is already running; esc stops it.", severity="warning")
             return
         self._show_page(FORM_PAGE)
         self._update_preflight()
