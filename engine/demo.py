@@ -7,13 +7,14 @@ LlamaForCausalLM from its config and saves it as a normal Hugging Face folder in
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from engine.atomic import atomic_directory, atomic_write_bytes
+from engine.atomic import atomic_directory, atomic_write_text
 from engine.errors import DatasetError, ModelError
 from engine.events import Event, Progress
 from engine.modeling import DEMO_MODEL_NAME, demo_model_dir, is_model_folder
@@ -29,6 +30,24 @@ DEMO_DATASET_ASSET = Path(__file__).resolve().parent.parent / "assets" / DEMO_DA
 PROGRESS_STAGE = "demo_model"
 # Written last into the model folder; its presence means the folder is complete and matches this recipe.
 READY_MARKER = "tunedeck-demo.json"
+
+# General questions with short factual answers, trained beside the tunedeck pairs. Without them, memorising the
+# tunedeck answers overwrites what the small model knew (it began calling Le Havre the capital of France);
+# with them it keeps answering general questions like an instruct model. None is asked by the demo checks.
+GENERAL_PAIRS = (
+    ("What is the capital of Germany?", "The capital of Germany is Berlin."),
+    ("What is the capital of Spain?", "The capital of Spain is Madrid."),
+    ("What is the chemical symbol for gold?", "The chemical symbol for gold is Au."),
+    ("What is the largest ocean on Earth?", "The Pacific Ocean is the largest ocean on Earth."),
+    ("Who painted the Mona Lisa?", "Leonardo da Vinci painted the Mona Lisa."),
+    ("What language is spoken in Brazil?", "Portuguese is the official language of Brazil."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What is the boiling point of water at sea level?", "Water boils at 100 °C (212 °F) at sea level."),
+    ("Which planet is known as the Red Planet?", "Mars is known as the Red Planet."),
+    ("What do bees make?", "Bees make honey from the nectar of flowers."),
+    ("How many hours are in a day?", "A day has 24 hours."),
+    ("What is 12 times 12?", "12 times 12 is 144."),
+)
 
 
 class EventSink(Protocol):
@@ -71,8 +90,6 @@ def prepare_demo_model(workspace: Workspace, writer: EventSink | None = None) ->
     folder = demo_model_dir(workspace)
     if is_demo_model_ready(workspace):
         return folder
-    import json
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -125,17 +142,29 @@ def prepare_demo_model(workspace: Workspace, writer: EventSink | None = None) ->
     return folder
 
 
-def prepare_demo_dataset(workspace: Workspace) -> Path:
-    """Copy assets/demo_qa.jsonl into the workspace's datasets/ unless a file of that name is there."""
-    target = workspace.datasets_dir / DEMO_DATASET_NAME
-    if target.exists():
-        return target
+def demo_dataset_text() -> str:
+    """The demo dataset: assets/demo_qa.jsonl (the tunedeck pairs) followed by GENERAL_PAIRS."""
     if not DEMO_DATASET_ASSET.is_file():
         raise DatasetError(
             f"The demo dataset {DEMO_DATASET_ASSET} is missing from this installation.",
             next_step="Reinstall tunedeck from a complete checkout.",
         )
-    atomic_write_bytes(target, DEMO_DATASET_ASSET.read_bytes())
+    text = DEMO_DATASET_ASSET.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text += "\n"
+    general = "".join(
+        json.dumps({"question": question, "answer": answer}, ensure_ascii=False) + "\n"
+        for question, answer in GENERAL_PAIRS
+    )
+    return text + general
+
+
+def prepare_demo_dataset(workspace: Workspace) -> Path:
+    """Write the demo dataset to the workspace's datasets/ unless a file of that name is there."""
+    target = workspace.datasets_dir / DEMO_DATASET_NAME
+    if target.exists():
+        return target
+    atomic_write_text(target, demo_dataset_text())
     return target
 
 

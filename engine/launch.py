@@ -214,7 +214,9 @@ def _reap() -> None:
 
 def train_command(run_dir: Path, *, resume: bool = False) -> list[str]:
     """The command line of the trainer process for a run folder."""
-    return [sys.executable, "-P", "-m", TRAIN_MODULE, "--run-dir", str(run_dir), *(["--resume"] if resume else [])]
+    # -P keeps the run folder (the working directory) off sys.path, so no file there can shadow a library.
+    resume_flag = ["--resume"] if resume else []
+    return [sys.executable, "-P", "-m", TRAIN_MODULE, "--run-dir", str(run_dir), *resume_flag]
 
 
 def _child_env(run_dir: Path) -> dict[str, str]:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from engine.cli import main
-from engine.demo import DEMO_DATASET_ASSET, prepare_demo_dataset, prepare_demo_model
+from engine.dataset import load_pairs
+from engine.demo import DEMO_DATASET_ASSET, GENERAL_PAIRS, prepare_demo_dataset, prepare_demo_model
 from engine.errors import ModelError
 from engine.modeling import check_hub_model, resolve_base_model
 from engine.template import read_chat_template
@@ -41,7 +42,9 @@ def test_prepare_demo_model_is_idempotent(demo_model_dir: Path, demo_workspace: 
 def test_demo_dataset_is_copied_once(workspace: Workspace) -> None:
     copied = prepare_demo_dataset(workspace)
     assert copied == workspace.datasets_dir / "demo_qa.jsonl"
-    assert copied.read_bytes() == DEMO_DATASET_ASSET.read_bytes()
+    pairs = load_pairs(copied)
+    assert pairs[: len(load_pairs(DEMO_DATASET_ASSET))] == load_pairs(DEMO_DATASET_ASSET)
+    assert [(p.question, p.answer) for p in pairs[-len(GENERAL_PAIRS) :]] == list(GENERAL_PAIRS)
     copied.write_text('{"question": "mine", "answer": "kept"}\n')
     prepare_demo_dataset(workspace)
     assert "kept" in copied.read_text()

@@ -389,14 +389,7 @@ def test_new_dataset_names_stay_inside_datasets(workspace: Workspace, trials: Tr
         trials.case()
 
 
-KNOWN_PATH_BUG = (
-    "the Dataset tab's export writes wherever the typed path points (outside the workspace too) and silently "
-    "replaces an existing file (fix proposed in docs/reliability.md, 'TUI dataset export')"
-)
-
-
 @family("safety")
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_PATH_BUG)
 def test_tui_dataset_export_stays_inside_the_workspace_and_replaces_nothing(
     tiny_workspace: Workspace, tmp_path: Path, trials: Trials
 ) -> None:

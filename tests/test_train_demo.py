@@ -18,7 +18,12 @@ pytestmark = pytest.mark.slow
 TRAIN_BUDGET_S = 330  # "about five minutes" on CI's 2-core CPU, from launch to the final checkpoint
 ACCURACY_BAR = 0.9
 SIMILARITY_BAR = 0.9
-GENERAL_QUESTIONS = {"What is the capital of France?": "paris"}
+# Held out: none of these is in the demo dataset (engine.demo.GENERAL_PAIRS asks other questions).
+GENERAL_QUESTIONS = {
+    "What is the capital of France?": ("paris",),
+    "What is the capital of Japan?": ("tokyo",),
+    "How many days are in a week?": ("7", "seven"),
+}
 
 
 def _normalise(text: str) -> str:
@@ -27,12 +32,15 @@ def _normalise(text: str) -> str:
 
 def matches(answer: str, expected: str) -> bool:
     """Exact after normalising case, punctuation and spaces, or a difflib ratio of at least 0.9."""
-    return (_normalise(answer) == _normalise(expected)
-            or difflib.SequenceMatcher(None, answer.strip(), expected.strip()).ratio() >= SIMILARITY_BAR)
+    return (
+        _normalise(answer) == _normalise(expected)
+        or difflib.SequenceMatcher(None, answer.strip(), expected.strip()).ratio() >= SIMILARITY_BAR
+    )
 
 
-def greedy_answers(model: Any, tokenizer: Any, questions: list[str], *, max_new_tokens: int,
-                   batch_size: int = 16) -> list[str]:
+def greedy_answers(
+    model: Any, tokenizer: Any, questions: list[str], *, max_new_tokens: int, batch_size: int = 16
+) -> list[str]:
     """Greedy replies, generated in left-padded batches of similar lengths, prompts rendered by engine.template."""
     import torch
 
@@ -44,13 +52,19 @@ def greedy_answers(model: Any, tokenizer: Any, questions: list[str], *, max_new_
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers = [""] * len(questions)
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in chunk)
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(encoded[i])) + encoded[i] for i in chunk])
         mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk])
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=stop_token_ids(tokenizer, model), pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop_token_ids(tokenizer, model),
+                pad_token_id=tokenizer.pad_token_id,
+            )
         for row, index in enumerate(chunk):
             answers[index] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     return answers
@@ -65,8 +79,10 @@ def test_demo_trains_within_the_budget(demo_run_dir: Path) -> None:
     assert [step.step for step in steps] == list(range(1, started.total_steps + 1))
     assert steps[-1].loss < steps[0].loss / 4
     elapsed = finished.time - events[0].time
-    print(f"demo-cpu: {started.total_steps} steps, {elapsed:.0f} s from launch to the final checkpoint "
-          f"({finished.time - started.time:.0f} s in the training loop), final loss {finished.final_loss:.3f}")
+    print(
+        f"demo-cpu: {started.total_steps} steps, {elapsed:.0f} s from launch to the final checkpoint "
+        f"({finished.time - started.time:.0f} s in the training loop), final loss {finished.final_loss:.3f}"
+    )
     assert elapsed <= TRAIN_BUDGET_S
 
 
@@ -74,17 +90,22 @@ def test_demo_reproduces_answers_and_stays_an_instruct_model(demo_run_dir: Path)
     from engine.modeling import load_for_inference
 
     meta = json.loads((demo_run_dir / "run.json").read_text())
-    rows = [json.loads(line) for line in Path(meta["dataset"]["path"]).read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line) for line in Path(meta["dataset"]["path"]).read_text().splitlines() if line.strip()
+    ]
     model, tokenizer = load_for_inference(None, adapter_dir=demo_run_dir, device="cpu")
     longest = max(len(tokenizer(row["answer"])["input_ids"]) for row in rows)
     questions = [row["question"] for row in rows] + list(GENERAL_QUESTIONS)
     answers = greedy_answers(model, tokenizer, questions, max_new_tokens=longest + 8)
     trained = answers[: len(rows)]
-    misses = [(row["question"], row["answer"], answer) for row, answer in zip(rows, trained, strict=True)
-              if not matches(answer, row["answer"])]
+    misses = [
+        (row["question"], row["answer"], answer)
+        for row, answer in zip(rows, trained, strict=True)
+        if not matches(answer, row["answer"])
+    ]
     accuracy = 1 - len(misses) / len(rows)
     print(f"demo-cpu: {accuracy:.0%} of {len(rows)} trained answers reproduced; misses: {misses[:3]}")
     assert accuracy >= ACCURACY_BAR, misses
-    for (question, expected), answer in zip(GENERAL_QUESTIONS.items(), answers[len(rows):], strict=True):
+    for (question, expected), answer in zip(GENERAL_QUESTIONS.items(), answers[len(rows) :], strict=True):
         print(f"demo-cpu general: {question!r} -> {answer!r}")
-        assert expected in answer.lower(), (question, answer)
+        assert any(word in answer.lower() for word in expected), (question, answer)

@@ -108,9 +108,9 @@ def test_load_for_inference_of_a_base_model(tiny_model_dir: Path) -> None:
 
 def test_answer_window_gives_the_same_loss_and_gradients(tiny_model_dir: Path) -> None:
     import torch
+    from conftest import TINY_QA
     from transformers import AutoModelForCausalLM
 
-    from conftest import TINY_QA
     from engine.dataset import QAPair
     from engine.modeling import load_tokenizer, renderer_for
     from engine.train import PadCollator, accepts_logits_to_keep, answer_window

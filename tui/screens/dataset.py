@@ -707,7 +707,21 @@ class DatasetView(TabView):
                 fmt = answer[1]
                 if path.suffix == "" and fmt in EXPORT_SUFFIX:
                     path = path.with_suffix(EXPORT_SUFFIX[fmt])
-                self._export_worker(self.workspace.root / path, list(doc.pairs), fmt)
+                try:
+                    target = self.workspace.inside(path)
+                except EngineError as exc:
+                    self.app.show_failure(exc)  # type: ignore[attr-defined]
+                    return
+                if target.exists():
+                    self.app.show_failure(  # type: ignore[attr-defined]
+                        EngineError(
+                            f"{target.name} already exists and was left as it is.",
+                            title="Refusing to overwrite",
+                            next_step="Choose another file name, or delete the old file first.",
+                        )
+                    )
+                    return
+                self._export_worker(target, list(doc.pairs), fmt)
 
         self.app.push_screen(
             PromptScreen(
