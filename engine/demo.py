@@ -6,10 +6,11 @@ LlamaForCausalLM from its config and saves it as a normal Hugging Face folder in
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 from engine.atomic import atomic_directory, atomic_write_text
 from engine.errors import DatasetError, ModelError
 from engine.events import Event, Progress
-from engine.modeling import DEMO_MODEL_NAME, demo_model_dir, is_model_folder
+from engine.modeling import DEMO_MODEL_NAME, demo_model_dir, is_model_folder, loading_errors
 from engine.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -95,19 +96,20 @@ def prepare_demo_model(workspace: Workspace, writer: EventSink | None = None) ->
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    # The GGUF reader draws its own tqdm bar; callers show Progress events instead.
-    os.environ.setdefault("TQDM_DISABLE", "1")
     started = time.monotonic()
     total = 4
     gguf = demo_gguf_path()
     _progress(writer, 0, total, f"reading {gguf.name}", started)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with loading_errors("the demo tokenizer", str(gguf)):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if not tokenizer.chat_template:
         raise ModelError(
             f"{gguf.name} carries no chat template.", next_step="Reinstall " + DEMO_WHEEL_REQUIREMENT + "."
         )
     _progress(writer, 1, total, "dequantizing the weights (about 20 s)", started)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF reader draws its own tqdm bar on stderr; callers show the Progress events instead.
+    with loading_errors("the demo model", str(gguf)), contextlib.redirect_stderr(io.StringIO()):
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     _progress(writer, 2, total, "rebuilding a plain Llama model", started)
     # A model loaded from GGUF refuses save_pretrained; a fresh model built from its config (without the
     # quantization marker) takes the dequantized weights and saves normally.

@@ -234,6 +234,8 @@ def gguf_answers(
         llm = llama_cpp.Llama(
             model_path=str(path),
             n_ctx=context_size(path),
+            # A whole prompt plus answer fits one batch, so the teacher-forced pass is a single decode.
+            n_batch=context_size(path),
             n_threads=threads or os.cpu_count() or 1,
             seed=0,
             verbose=False,
@@ -280,7 +282,8 @@ def gguf_answers(
 def forced_agreement(llm: Any, prompt: list[int], answer: list[int]) -> float:
     """Share of `answer`'s tokens that `llm` ranks first after the prompt and the answer's own earlier tokens."""
     # Free-running answers drift apart after the first differing token; teacher forcing measures how often the
-    # GGUF makes the adapter's choice at every step, whatever came before.
+    # GGUF makes the adapter's choice at every step, whatever came before. One decode of the whole sequence,
+    # asking for logits only where an answer token is predicted, keeps this as cheap as prompt processing.
     import ctypes
 
     import numpy as np
@@ -288,19 +291,36 @@ def forced_agreement(llm: Any, prompt: list[int], answer: list[int]) -> float:
     from engine.quantize import _llama_cpp
 
     llama_cpp = _llama_cpp()
-    vocabulary = llm.n_vocab()
-    llm.reset()
-    llm.eval(prompt)
-    matches = 0
-    for position, token in enumerate(answer):
-        pointer = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-        logits = np.ctypeslib.as_array(
-            ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(vocabulary,)
-        )
-        matches += int(int(logits.argmax()) == token)
-        if position + 1 < len(answer):
-            llm.eval([token])
-    llm.reset()
+    tokens = [*prompt, *answer[:-1]]
+    first = len(prompt) - 1
+    if not answer or first < 0 or len(tokens) > llm.n_ctx():
+        return 0.0
+    memory = llama_cpp.llama_get_memory(llm.ctx)
+    llama_cpp.llama_memory_clear(memory, True)
+    batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+    try:
+        for index, token in enumerate(tokens):
+            batch.token[index] = token
+            batch.pos[index] = index
+            batch.n_seq_id[index] = 1
+            batch.seq_id[index][0] = 0
+            batch.logits[index] = int(index >= first)
+        batch.n_tokens = len(tokens)
+        if llama_cpp.llama_decode(llm.ctx, batch) != 0:
+            return 0.0
+        vocabulary = llm.n_vocab()
+        matches = 0
+        for offset, token in enumerate(answer):
+            pointer = llama_cpp.llama_get_logits_ith(llm.ctx, first + offset)
+            logits = np.ctypeslib.as_array(
+                ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(vocabulary,)
+            )
+            matches += int(int(logits.argmax()) == token)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_memory_clear(memory, True)
+        # llama-cpp-python's own record of what the cache holds must match the cleared cache.
+        llm.reset()
     return matches / len(answer)
 
 

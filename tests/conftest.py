@@ -88,12 +88,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_qa_path: Path)
 
 @pytest.fixture(scope="session")
 def demo_workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    """A session workspace holding the prepared demo model and dataset (shared, do not modify)."""
-    from engine.demo import prepare_demo
+    """A session workspace holding the prepared demo model and dataset (shared, do not modify).
 
-    workspace = Workspace.init(tmp_path_factory.mktemp("demo-workspace"))
-    prepare_demo(workspace)
-    return workspace
+    It is made by `tunedeck demo DIR --no-tui`, the command a new user runs first.
+    """
+    from engine.cli import main
+
+    root = tmp_path_factory.mktemp("demo-workspace")
+    if main(["demo", str(root), "--no-tui"]) != 0:
+        pytest.fail("`tunedeck demo --no-tui` failed")
+    return Workspace.open(root, create=False)
 
 
 @pytest.fixture(scope="session")

@@ -138,7 +138,7 @@ def test_parity_report_shows_adapter_and_every_gguf_side_by_side(tiny_export: di
     assert set(parity["files"]) == {"f16", *QUANTS}
     assert parity["files"]["q8_0"]["agreement_train"] >= 0.9
     assert (
-        parity["files"]["f16"]["agreement_train"] == 1.0 and parity["files"]["f16"]["token_agreement"] == 1.0
+        parity["files"]["f16"]["agreement_train"] == 1.0 and parity["files"]["f16"]["token_agreement"] >= 0.99
     )
     for kind in ("f16", *QUANTS):
         summary = parity["files"][kind]

@@ -273,7 +273,7 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(
     assert len(read_events(events_path)) >= len(lines) - 1  # at most the line cut by the kill is unreadable
     # A second fresh start on this run folder would overwrite its history: it is refused.
     refused = _run_sync(run_dir)
-    assert refused.returncode != 0 and "already has checkpoints" in refused.stdout
+    assert refused.returncode != 0 and "has checkpoints already" in refused.stdout
     assert latest_checkpoint(run_dir).name == "step_40"
 
 

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_next_steps(workspace: Workspace) -> None:
     print(
-        "Train the demo (about two minutes on a laptop CPU):\n"
+        "Train the demo (about four minutes on a 2-core CPU):\n"
         f"  tunedeck --workspace {workspace.root} train demo-cpu --wait\n"
         f"Then chat with it: tunedeck --workspace {workspace.root} chat --run RUN (the id train printed)",
         file=sys.stderr,

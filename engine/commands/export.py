@@ -57,6 +57,7 @@ def export_command(run_dir: Path, args: argparse.Namespace) -> list[str]:
     """The `python -m engine.export` command line for these options."""
     command = [
         sys.executable,
+        "-P",
         "-m",
         "engine.export",
         "--run-dir",

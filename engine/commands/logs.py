@@ -153,6 +153,10 @@ class ProgressLine:
 
         return shutil.get_terminal_size((100, 20)).columns
 
+    def emit(self, event: Event) -> None:
+        """Render an event (the EventWriter interface, so engine functions can report progress here)."""
+        self.show(event)
+
     def show(self, event: Event) -> None:
         """Render an event: steps and progress update the status line, everything else prints a line."""
         if isinstance(event, Step):
