@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from engine.atomic import atomic_directory, atomic_write_text
 from engine.errors import DatasetError, ModelError
@@ -174,13 +174,3 @@ def prepare_demo(workspace: Workspace, writer: EventSink | None = None) -> tuple
     """Both demo ingredients: (model folder, dataset file)."""
     dataset = prepare_demo_dataset(workspace)
     return prepare_demo_model(workspace, writer), dataset
-
-
-def demo_summary(workspace: Workspace) -> dict[str, Any]:
-    """What the demo has ready in a workspace (for `tunedeck demo` and doctor)."""
-    return {
-        "model": str(demo_model_dir(workspace)) if is_demo_model_ready(workspace) else "",
-        "dataset": str(workspace.datasets_dir / DEMO_DATASET_NAME)
-        if (workspace.datasets_dir / DEMO_DATASET_NAME).exists()
-        else "",
-    }

@@ -21,7 +21,6 @@ from typing import Any
 
 from engine.atomic import atomic_directory, atomic_write_text
 from engine.errors import DatasetError, ResumeError, WorkspaceError
-from engine.events import Event, RunStarted, read_events
 from engine.modeling import DEMO_BASE, check_model_folder, is_local_model, resolve_base_model
 from engine.recipes import Recipe, find_recipe, load_recipe
 from engine.workspace import (
@@ -388,10 +387,3 @@ def find_run(workspace: Workspace | Path | str, ref: str) -> Path:
             next_step="Give more of the run id.",
         )
     return ws.run_dir(ref)  # raises with the newest run ids listed
-
-
-def attempt_events(run_dir: Path) -> list[Event]:
-    """The events of the run's latest attempt (since its last run_started)."""
-    events = read_events(Path(run_dir) / "events.jsonl")
-    starts = [index for index, event in enumerate(events) if isinstance(event, RunStarted)]
-    return events[starts[-1] :] if starts else events

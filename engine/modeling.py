@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -515,18 +514,3 @@ def training_oom_error(exc: BaseException | None = None) -> OutOfMemoryError:
         f"{where} ran out of memory during a training step.",
         next_step=TRAINING_OOM_STEP[0].upper() + TRAINING_OOM_STEP[1:] + ".",
     )
-
-
-def environment_summary() -> dict[str, str]:
-    """Versions and devices, for logs and bug reports."""
-    import torch
-
-    summary = {"torch": torch.__version__, "cuda": str(torch.cuda.is_available())}
-    for name in ("transformers", "peft", "bitsandbytes", "accelerate"):
-        with contextlib.suppress(Exception):
-            from importlib.metadata import version
-
-            summary[name] = version(name)
-    summary["threads"] = str(torch.get_num_threads())
-    summary["pid"] = str(os.getpid())
-    return summary

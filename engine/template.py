@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -379,8 +379,3 @@ class PromptRenderer:
             end = starts[index + 1] if index + 1 < len(starts) else len(text)
             tokens.append(MaskedToken(text[begin:end], start >= boundary))
         return tokens
-
-
-def trained_tokens_total(renderer: PromptRenderer, pairs: Iterable[QAPairLike]) -> int:
-    """Completion tokens across pairs (the tokens one epoch trains on)."""
-    return sum(renderer.encode(pair).trained_tokens for pair in pairs)

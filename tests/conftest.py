@@ -23,7 +23,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from engine.workspace import Workspace  # noqa: E402
+from engine.workspace import RunSummary, Workspace  # noqa: E402
 
 TINY_QA = [
     {"question": "What colour is the sky?", "answer": "The sky is blue."},
@@ -66,6 +66,17 @@ alpha = 16
 dropout = 0.0
 target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 """
+
+
+def finish_run(run_dir: Path, timeout: float) -> RunSummary:
+    """Wait for a detached run; if the wait fails or times out, stop the trainer so no test leaves one behind."""
+    from engine.launch import stop_run, wait_run
+
+    try:
+        return wait_run(run_dir, timeout=timeout)
+    finally:
+        if stop_run(run_dir):
+            wait_run(run_dir, timeout=60)
 
 
 @pytest.fixture(scope="session")
@@ -111,11 +122,11 @@ def demo_model_dir(demo_workspace: Workspace) -> Path:
 @pytest.fixture(scope="session")
 def demo_run_dir(demo_workspace: Workspace, demo_model_dir: Path) -> Path:
     """The run folder of recipes/demo-cpu.toml trained to the end once per session (minutes on a CPU)."""
-    from engine.launch import start_run, wait_run
+    from engine.launch import start_run
 
     run_id = start_run(demo_workspace, "demo-cpu")
     run_dir = demo_workspace.runs_dir / run_id
-    summary = wait_run(run_dir, timeout=900)
+    summary = finish_run(run_dir, timeout=840)
     if summary.status != "finished":
         pytest.fail(
             f"demo-cpu run ended {summary.status}: {summary.cause} {summary.next_step} (see {run_dir})"
@@ -142,7 +153,7 @@ def tiny_workspace(workspace: Workspace, tiny_model_dir: Path, tiny_qa_path: Pat
 @pytest.fixture(scope="session")
 def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_qa_path: Path) -> Path:
     """A tiny LoRA run trained to the end once per session (its checkpoints memorise the tiny Q/A set)."""
-    from engine.launch import start_run, wait_run
+    from engine.launch import start_run
 
     workspace = Workspace.init(tmp_path_factory.mktemp("tiny-run-workspace"))
     shutil.copyfile(tiny_qa_path, workspace.datasets_dir / "tiny_qa.jsonl")
@@ -150,7 +161,7 @@ def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
     recipe.parent.mkdir(exist_ok=True)
     recipe.write_text(TINY_RECIPE.format(model=tiny_model_dir), encoding="utf-8")
     run_dir = workspace.runs_dir / start_run(workspace, recipe)
-    summary = wait_run(run_dir, timeout=300)
+    summary = finish_run(run_dir, timeout=300)
     if summary.status != "finished":
         pytest.fail(f"tiny run ended {summary.status}: {summary.cause} {summary.next_step} (see {run_dir})")
     return run_dir

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import TINY_QA
+from conftest import TINY_QA, finish_run
 
 from engine.errors import DatasetError, ModelError, ResumeError
 from engine.events import (
@@ -252,7 +252,7 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(
 
     monkeypatch.delenv("TUNEDECK_FAULT")
     assert resume_run(tiny_workspace, run_id) == run_id
-    summary = wait_run(run_dir, timeout=180)
+    summary = finish_run(run_dir, timeout=180)
     assert summary.status == "finished", summary
     events = read_events(events_path)
     starts = [event for event in events if isinstance(event, RunStarted)]
