@@ -27,6 +27,7 @@ PURE_ENGINE_MODULES = (
     "engine.commands.train",
     "engine.commands.runs",
     "engine.commands.logs",
+    "engine.display",
     "engine.commands.init",
 )
 TUI_MODULES = ("tui", "tui.app")

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from engine.display import compact_duration
 from engine.events import (
     CheckpointSaved,
     Eval,
@@ -381,22 +382,8 @@ def short_run_label(run_id: str) -> str:
     return f"{month}-{day} {hour}:{minute} {label}"
 
 
-def format_duration(seconds: float | None) -> str:
-    """`1h02m`, `4m05s` or `12s`; an em dash when unknown."""
-    if seconds is None or seconds != seconds or seconds < 0:
-        return "—"
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
-
-
 def format_age(timestamp: float | None, now: float | None = None) -> str:
     """How long ago `timestamp` was, e.g. `3m ago`."""
     if timestamp is None:
         return "—"
-    return f"{format_duration((now or time.time()) - timestamp)} ago"
+    return f"{compact_duration((now or time.time()) - timestamp)} ago"

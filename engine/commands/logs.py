@@ -12,6 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from engine.display import (
+    LEARNING_RATE_SPEC,
+    LOSS_SPEC,
+    TOKENS_PER_S_SPEC,
+    clock_duration,
+    format_metric,
+)
 from engine.events import (
     CheckpointSaved,
     Eval,
@@ -42,34 +49,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def duration(seconds: float | None) -> str:
-    """Seconds as H:MM:SS or M:SS."""
-    if seconds is None:
-        return "?"
-    seconds = max(round(seconds), 0)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def _num(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
-
-
 def describe(event: Event) -> str | None:
     """One human-readable line for an event (None for events a run log does not show)."""
     if isinstance(event, Step):
         parts = [
             f"step {event.step}/{event.total_steps}",
             f"epoch {event.epoch:.2f}",
-            f"loss {_num(event.loss, '.4f')}",
-            f"lr {_num(event.learning_rate, '.2e')}",
-            f"grad {_num(event.grad_norm, '.3f')}",
-            f"{_num(event.tokens_per_s, ',.0f')} tok/s",
+            f"loss {format_metric(event.loss, LOSS_SPEC)}",
+            f"lr {format_metric(event.learning_rate, LEARNING_RATE_SPEC)}",
+            f"grad {format_metric(event.grad_norm, '.3f')}",
+            f"{format_metric(event.tokens_per_s, TOKENS_PER_S_SPEC)} tok/s",
         ]
         if event.gpu_mem_gib is not None:
             parts.append(f"{event.gpu_mem_gib:.1f} GiB")
-        parts.append(f"ETA {duration(event.eta_s)}")
+        parts.append(f"ETA {clock_duration(event.eta_s)}")
         return "  ".join(parts)
     if isinstance(event, RunStarted):
         resumed = (
@@ -80,7 +73,7 @@ def describe(event: Event) -> str | None:
             f"{event.total_steps} steps on {event.device}, pid {event.pid}{resumed}"
         )
     if isinstance(event, Eval):
-        return f"eval at step {event.step}: loss {event.eval_loss:.4f}"
+        return f"eval at step {event.step}: loss {event.eval_loss:{LOSS_SPEC}}"
     if isinstance(event, CheckpointSaved):
         return f"checkpoint step {event.step}: {event.path}"
     if isinstance(event, Progress):
@@ -89,9 +82,9 @@ def describe(event: Event) -> str | None:
     if isinstance(event, Log):
         return f"{event.level}: {event.message}" if event.level != "info" else event.message
     if isinstance(event, RunFinished):
-        loss = f", loss {event.final_loss:.4f}" if event.final_loss is not None else ""
+        loss = f", loss {event.final_loss:{LOSS_SPEC}}" if event.final_loss is not None else ""
         saved = f"; checkpoint {event.checkpoint}" if event.checkpoint else ""
-        return f"{event.status} at step {event.step}{loss} after {duration(event.elapsed_s)}{saved}"
+        return f"{event.status} at step {event.step}{loss} after {clock_duration(event.elapsed_s)}{saved}"
     if isinstance(event, RunFailed):
         details = f" (details: {event.details_path})" if event.details_path else ""
         return (
@@ -160,11 +153,14 @@ class ProgressLine:
     def show(self, event: Event) -> None:
         """Render an event: steps and progress update the status line, everything else prints a line."""
         if isinstance(event, Step):
-            loss = f" loss {event.loss:.4f}" if event.loss is not None else ""
-            speed = f" {event.tokens_per_s:,.0f} tok/s" if event.tokens_per_s is not None else ""
+            loss = f" loss {event.loss:{LOSS_SPEC}}" if event.loss is not None else ""
+            speed = (
+                f" {event.tokens_per_s:{TOKENS_PER_S_SPEC}} tok/s" if event.tokens_per_s is not None else ""
+            )
             fraction = event.step / event.total_steps if event.total_steps else None
             self.status(
-                f"step {event.step}/{event.total_steps}{loss}{speed} ETA {duration(event.eta_s)}", fraction
+                f"step {event.step}/{event.total_steps}{loss}{speed} ETA {clock_duration(event.eta_s)}",
+                fraction,
             )
         elif isinstance(event, Progress):
             fraction = event.current / event.total if event.total else None

@@ -38,6 +38,7 @@ from textual.widgets import (
 )
 from textual.worker import get_current_worker
 
+from engine.display import compact_duration
 from engine.errors import EngineError, ExportError
 from engine.events import Event, EventTail, Log, Progress, RunFailed, RunFinished, RunStarted
 from engine.workspace import checkpoint_dirs, checkpoint_step, latest_checkpoint, pid_alive
@@ -63,7 +64,6 @@ from tui.export_report import (
     summary_line,
 )
 from tui.messages import RunsChanged
-from tui.run_state import format_duration
 from tui.screens.base import TabView
 
 QUANTS = DEFAULT_QUANTS
@@ -151,9 +151,9 @@ class StageRow(Horizontal):
         self.started = event.time if self.started is None else self.started
         done = event.total and event.current >= event.total
         timing = (
-            f" · {format_duration(event.time - self.started)}"
+            f" · {compact_duration(event.time - self.started)}"
             if done
-            else (f" · eta {format_duration(event.eta_s)}" if event.eta_s else "")
+            else (f" · eta {compact_duration(event.eta_s)}" if event.eta_s else "")
         )
         self.query_one(".stage-message", Static).update(
             Text(f"{event.message}{timing}", style="dim", no_wrap=True, overflow="ellipsis")
@@ -547,7 +547,7 @@ class ExportView(TabView):
             folder = Path(outputs.get("export_dir") or self.export_dir or self.workspace.exports_dir)
             files = outputs.get("files") or {}
             self._status(
-                f"✔ Export {event.status} in {format_duration(event.elapsed_s)}: {len(files)} GGUF files in "
+                f"✔ Export {event.status} in {compact_duration(event.elapsed_s)}: {len(files)} GGUF files in "
                 f"{self._shown_path(folder)} · Modelfile for Ollama · report.md"
             )
             self.open_report(folder)

@@ -20,8 +20,15 @@ from textual.message import Message
 from textual.widgets import DataTable, ProgressBar, Static
 from textual.worker import get_current_worker
 
+from engine.display import (
+    LEARNING_RATE_SPEC,
+    LOSS_SPEC,
+    TOKENS_PER_S_SPEC,
+    compact_duration,
+    format_metric,
+)
 from tui.messages import ActiveRunChanged, RunLaunched, RunsChanged
-from tui.run_state import LogLine, RunSnapshot, format_age, format_duration, short_run_label
+from tui.run_state import LogLine, RunSnapshot, format_age, short_run_label
 from tui.screens.base import TabView
 from tui.widgets.log_tail import LogTail
 from tui.widgets.plot import EVAL_COLOR, LOSS_COLOR, LossPlot
@@ -41,10 +48,6 @@ def _metric(label: str, value: str, label_style: str = "dim") -> Text:
     return text
 
 
-def _fmt(value: float | None, pattern: str) -> str:
-    return "—" if value is None else pattern.format(value)
-
-
 def header_text(snap: RunSnapshot) -> Text:
     """Run id and status, then what it trains."""
     text = Text(no_wrap=True, overflow="ellipsis")
@@ -59,16 +62,18 @@ def header_text(snap: RunSnapshot) -> Text:
 def metrics_text(snap: RunSnapshot) -> Text:
     """Loss, eval loss, learning rate, tokens/s, GPU memory, elapsed time and checkpoint."""
     text = Text()
-    text.append_text(_metric("━ loss", _fmt(snap.loss, "{:.4f}"), LOSS_COLOR))
+    text.append_text(_metric("━ loss", format_metric(snap.loss, LOSS_SPEC, missing="—"), LOSS_COLOR))
     if snap.eval_loss is not None:
         best = (
-            f" (best {snap.best_eval_loss:.4f})" if snap.best_eval_loss not in (None, snap.eval_loss) else ""
+            f" (best {snap.best_eval_loss:{LOSS_SPEC}})"
+            if snap.best_eval_loss not in (None, snap.eval_loss)
+            else ""
         )
-        text.append_text(_metric("━ eval", f"{snap.eval_loss:.4f}{best}", EVAL_COLOR))
-    text.append_text(_metric("lr", _fmt(snap.learning_rate, "{:.2e}")))
-    text.append_text(_metric("tok/s", _fmt(snap.tokens_per_s, "{:,.0f}")))
-    text.append_text(_metric("mem", _fmt(snap.gpu_mem_gib, "{:.1f} GiB")))
-    text.append_text(_metric("time", format_duration(snap.elapsed_s)))
+        text.append_text(_metric("━ eval", f"{snap.eval_loss:{LOSS_SPEC}}{best}", EVAL_COLOR))
+    text.append_text(_metric("lr", format_metric(snap.learning_rate, LEARNING_RATE_SPEC, missing="—")))
+    text.append_text(_metric("tok/s", format_metric(snap.tokens_per_s, TOKENS_PER_S_SPEC, missing="—")))
+    text.append_text(_metric("mem", format_metric(snap.gpu_mem_gib, ".1f", missing="—", unit=" GiB")))
+    text.append_text(_metric("time", compact_duration(snap.elapsed_s)))
     if snap.checkpoints:
         text.append_text(_metric("ckpt", f"step {snap.checkpoints[-1][0]}"))
     return text
@@ -86,9 +91,9 @@ def progress_label(snap: RunSnapshot) -> Text:
     text.append(f"{snap.step}/{snap.total_steps or '?'}", style="bold")
     text.append(f" ep {snap.epoch:.2f}", style="dim")
     if snap.is_active:
-        text.append(f" eta {format_duration(snap.eta_s)}", style="dim")
+        text.append(f" eta {compact_duration(snap.eta_s)}", style="dim")
     elif snap.ended and snap.started:
-        text.append(f" took {format_duration(snap.ended - snap.started)}", style="dim")
+        text.append(f" took {compact_duration(snap.ended - snap.started)}", style="dim")
     return text
 
 
@@ -121,7 +126,7 @@ def problem_text(snap: RunSnapshot) -> tuple[Text, str] | None:
             f"■ Stopped at step {snap.step} after saving a checkpoint. Press r to resume."
         ), "-stopped"
     if snap.status == "finished":
-        final = f" with loss {snap.final_loss:.4f}" if snap.final_loss is not None else ""
+        final = f" with loss {snap.final_loss:{LOSS_SPEC}}" if snap.final_loss is not None else ""
         return Text(
             f"✔ Finished at step {snap.step}{final}. Press c to chat with it, e to export it."
         ), "-finished"

@@ -12,6 +12,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 from textual.worker import Worker, WorkerState, get_current_worker
 
+from engine.display import compact_duration
 from tui.messages import WorkerFailed
 
 if TYPE_CHECKING:
@@ -38,8 +39,6 @@ def short_path(path: Path, limit: int = 28) -> str:
 
 def describe_run(snapshot: RunSnapshot) -> Text:
     """`▶ 20261123-demo running 12/48 loss 1.234 eta 2m` as styled text."""
-    from tui.run_state import format_duration
-
     text = Text()
     text.append(f"{snapshot.glyph} ", style=STATUS_STYLES.get(snapshot.status, ""))
     text.append(snapshot.run_id, style="bold")
@@ -49,7 +48,7 @@ def describe_run(snapshot: RunSnapshot) -> Text:
     if snapshot.loss is not None:
         text.append(f" loss {snapshot.loss:.3f}")
     if snapshot.is_active and snapshot.eta_s is not None:
-        text.append(f" eta {format_duration(snapshot.eta_s)}", style="dim")
+        text.append(f" eta {compact_duration(snapshot.eta_s)}", style="dim")
     return text
 
 
