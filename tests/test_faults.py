@@ -26,7 +26,7 @@ pytest.register_assert_rewrite("crashkit")
 from crashkit.fixtures import CHAIN_MAX_STEPS  # noqa: E402
 from crashkit.harness import KillChain, Zygote, checkpoint_problems, tree_digest  # noqa: E402
 from crashkit.plugin import Trials, family  # noqa: E402
-from crashkit.tuikit import (  # noqa: E402
+from tuikit import (  # noqa: E402
     mounted,
     notifications,
     open_in_train_tab,

@@ -18,7 +18,7 @@ pytest.register_assert_rewrite("crashkit")
 
 from crashkit.harness import Zygote  # noqa: E402
 from crashkit.plugin import Trials, family  # noqa: E402
-from crashkit.tuikit import mounted, notifications, wait_for  # noqa: E402
+from tuikit import mounted, notifications, wait_for  # noqa: E402
 
 from engine.events import RunFailed, read_events  # noqa: E402
 from engine.launch import prepare_run  # noqa: E402

@@ -20,7 +20,7 @@ import pytest
 pytest.register_assert_rewrite("crashkit")
 
 from crashkit.plugin import Trials, family  # noqa: E402
-from crashkit.tuikit import mounted, notifications, wait_for  # noqa: E402
+from tuikit import mounted, notifications, wait_for  # noqa: E402
 
 from engine.errors import ModelError  # noqa: E402
 from engine.workspace import Workspace  # noqa: E402

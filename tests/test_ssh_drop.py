@@ -19,7 +19,7 @@ import pytest
 pytest.register_assert_rewrite("crashkit")
 
 from crashkit.plugin import Trials, family  # noqa: E402
-from crashkit.tuikit import REPO_ROOT, Tmux  # noqa: E402
+from tuikit import REPO_ROOT, Tmux  # noqa: E402
 
 from engine.events import Step, read_events  # noqa: E402
 from engine.launch import stop_run, wait_run  # noqa: E402
