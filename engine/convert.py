@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import temp_sibling
-from engine.errors import ExportError
+from engine.atomic import commit_file, disk_full_error, is_disk_full, temp_sibling, tree_bytes
+from engine.errors import DiskFullError, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +391,14 @@ def convert_to_gguf(
             raise _failure("\n".join(captured), log_path, arch)
         if before_commit is not None:
             before_commit()
-        os.replace(temp, out_file)
+        commit_file(temp, out_file)
+    except Exception as exc:
+        # Judged while the temp file still holds its space.
+        if not isinstance(exc, DiskFullError) and is_disk_full(exc, out_file.parent):
+            raise disk_full_error(
+                str(out_file), folder=out_file.parent, needed_bytes=tree_bytes(model_dir)
+            ) from exc
+        raise
     finally:
         with contextlib.suppress(OSError):
             temp.unlink()

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.atomic import atomic_write_text
+from engine.atomic import atomic_write_text, remove_stale_temps
 from engine.errors import DatasetError
 
 QUESTION_KEY = "question"
@@ -1156,7 +1156,9 @@ def read_dataset(path: Path | str, fmt: str = "auto") -> Dataset:
 
 
 def load_dataset(path: Path | str) -> Dataset:
-    """Read a tunedeck JSONL dataset leniently: good rows kept, bad lines listed (what the TUI shows)."""
+    """Read a tunedeck JSONL dataset leniently: good rows kept, bad lines listed (what the TUI shows); temp files
+    that killed saves left beside it are removed, as the next save would."""
+    remove_stale_temps(Path(path))
     return read_dataset(path, "jsonl")
 
 

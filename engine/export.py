@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from engine import convert, quantize
-from engine.atomic import atomic_directory, atomic_write_text, is_partial
+from engine.atomic import atomic_directory, atomic_write_text, is_disk_full, is_partial
 from engine.errors import DiskFullError, EngineError, ExportError, OutOfMemoryError
 from engine.events import (
     EventWriter,
@@ -941,9 +941,23 @@ def run_export(
         _claim_export_dir(plan.export_dir, force=options.force)
     try:
         return _export_stages(plan, options, writer, clock, started)
+    except Exception as exc:
+        if is_disk_full(exc, plan.export_dir):
+            raise export_disk_full_error(plan, clock.name) from exc
+        raise
     finally:
         with contextlib.suppress(OSError):
             (plan.export_dir / PID_FILE).unlink()
+
+
+def export_disk_full_error(plan: ExportPlan, stage: str) -> DiskFullError:
+    """The one-sentence failure of an export whose disk filled up in `stage`, with the room it needs."""
+    return DiskFullError(
+        f"The disk holding {plan.export_dir} filled up during the {stage} stage; the export needs about "
+        f"{_human(plan.disk_needed)} free and no half-written file was kept.",
+        next_step="Free some disk space, or pass --out with a folder on a bigger disk (or ask for fewer --quant "
+        "types), and export again.",
+    )
 
 
 def _export_stages(
@@ -1218,7 +1232,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BaseException as exc:
         log.exception("export crashed")
-        if _is_oom(exc):
+        title = "Export failed"
+        if is_disk_full(exc, writer.log_path.parent if writer.log_path else Path.cwd()):
+            title, cause, step_hint = (
+                "Disk full",
+                "The disk filled up during the export; no half-written file was kept.",
+                "Free some disk space, or pass --out with a folder on a bigger disk, and export again.",
+            )
+        elif _is_oom(exc):
             cause, step_hint = (
                 "The machine ran out of memory during the export.",
                 "Close other programs and retry.",
@@ -1229,7 +1250,7 @@ def main(argv: list[str] | None = None) -> int:
             step_hint = "See the export log for the traceback, and report it if it repeats."
         writer.emit(
             RunFailed(
-                title="Export failed",
+                title=title,
                 cause=cause,
                 next_step=step_hint,
                 details_path=str(writer.log_path.parent / LOG_FILE) if writer.log_path else "",

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import temp_sibling
+from engine.atomic import commit_file, disk_full_error, is_disk_full, temp_sibling
 from engine.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,14 @@ def parse_quant_types(text: str | list[str] | tuple[str, ...] | None) -> list[st
 def estimated_size(parameters: int, quant: str) -> int:
     """Rough file size in bytes of a GGUF of `parameters` weights in type `quant` (plus 1 MiB of metadata)."""
     return int(parameters * BITS_PER_WEIGHT.get(quant, 8.5) / 8) + (1 << 20)
+
+
+def _expected_size(source: Path, quant: str) -> int | None:
+    """Rough size of `source` (an f16/bf16 GGUF) once quantized to `quant`, from its own size."""
+    try:
+        return int(source.stat().st_size * BITS_PER_WEIGHT.get(quant, 8.5) / 16)
+    except OSError:
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,13 +229,23 @@ def quantize_gguf(
             )
         if code != 0 or not temp.is_file():
             detail = errors[-1] if errors else f"llama_model_quantize returned {code}"
-            raise ExportError(
+            failure = ExportError(
                 f"llama.cpp could not quantize {Path(source).name} to {quant}: {detail.rstrip('.')}.",
-                next_step="Check the free disk space and that the f16 GGUF loads (export.log has details).",
+                next_step="Check that the f16 GGUF loads (export.log has details).",
             )
+            # Judged while the temp file still holds its space: llama.cpp reports a full disk without an errno.
+            if is_disk_full(failure, target.parent):
+                raise disk_full_error(
+                    str(target), folder=target.parent, needed_bytes=_expected_size(Path(source), quant)
+                ) from failure
+            raise failure
         if before_commit is not None:
             before_commit()
-        os.replace(temp, target)
+        commit_file(temp, target)
+    except OSError as exc:
+        if is_disk_full(exc, target.parent):
+            raise disk_full_error(str(target), folder=target.parent) from exc
+        raise
     finally:
         with contextlib.suppress(OSError):
             temp.unlink()

@@ -12,7 +12,6 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import math
@@ -26,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from engine.atomic import atomic_write_text, disk_error, is_partial
+from engine.atomic import atomic_write_text, disk_full_error, is_disk_full, is_partial, tree_bytes
 from engine.errors import DatasetError, EngineError, TrainingError
 from engine.events import (
     CheckpointSaved,
@@ -514,10 +513,17 @@ class TrainingJob:
             _fsync_tree(written)
             os.replace(written, final)
             _fsync_dir(final.parent)
-        except OSError as exc:
+        except Exception as exc:
+            # Judged before the partial folder is removed: its space would hide a disk that was full.
+            full = is_disk_full(exc, final.parent)
             shutil.rmtree(staging / f"checkpoint-{step}", ignore_errors=True)
-            if exc.errno == errno.ENOSPC:
-                raise disk_error(exc, f"checkpoint {final.name}") from exc
+            if full:
+                previous = self.last_checkpoint or latest_checkpoint(self.run_dir)
+                raise disk_full_error(
+                    f"checkpoint {final.name}",
+                    folder=final.parent,
+                    needed_bytes=tree_bytes(previous) if previous else None,
+                ) from exc
             raise
         self.last_checkpoint = final
         self.writer.emit(CheckpointSaved(step=step, path=str(final)))
@@ -729,8 +735,8 @@ def failure_of(exc: BaseException, log_path: Path) -> EngineError:
         return exc
     if is_out_of_memory(exc):
         return training_oom_error(exc)
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return disk_error(exc, "the run folder")
+    if is_disk_full(exc, log_path.parent):
+        return disk_full_error("the run folder", folder=log_path.parent)
     first_line = (str(exc).strip().splitlines() or [""])[0].rstrip(".")
     detail = f": {first_line}" if first_line else ""
     return TrainingError(
