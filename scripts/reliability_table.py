@@ -26,6 +26,7 @@ FAMILIES: tuple[tuple[str, str], ...] = (
     ("crash-dataset", "SIGKILL during dataset save (`save_pairs`)"),
     ("crash-checkpoint", "SIGKILL during checkpoint writes (tiny-model trainer), then resume"),
     ("crash-export", "SIGKILL during export (every stage, tiny model)"),
+    ("crash-folder", "SIGKILL during a folder replace (`atomic_directory(replace=True)`), then recovery"),
     ("training-faults", "Training faults: resume after kill, changed inputs, OOM, missing model, TUI"),
     ("ssh-drop", "SSH drop: tmux session killed / TUI SIGHUPed while training"),
     ("disk-full", "Disk full on a real tmpfs: dataset save, checkpoint, export"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,68 @@ def test_sigkill_during_dataset_save_leaves_the_old_or_the_new_file(
     trials.note(
         f"{ended.count('old')} kills left the old file, {ended.count('new')} the new one; "
         f"{temps_left} left a temp file beside it"
+    )
+
+
+FOLDER_ROUNDS = 6
+FOLDER_TIMED_KILLS = 6
+
+
+@family("crash-folder")
+def test_sigkill_during_a_folder_replace_always_leaves_a_complete_version(
+    tmp_path: Path, light_zygote: Zygote, trials: Trials
+) -> None:
+    from crashkit.targets import folder_version, replace_folder_loop
+
+    from engine.atomic import recover_directory
+
+    parent = tmp_path / "export"
+    final = parent / "merged"
+    rng = random.Random(SEED + 2)
+    outcomes = []
+    for exchange in (True, False):
+        shutil.rmtree(parent, ignore_errors=True)
+        parent.mkdir()
+        replace_folder_loop(str(final), 1, exchange)
+        dry = light_zygote.trial(
+            "crashkit.targets:replace_folder_loop", str(final), FOLDER_ROUNDS, exchange, watch=parent
+        )
+        assert dry.code == 0 and dry.writes and folder_version(final) is not None, dry
+        # Every gap between two writes of one old-and-new cycle, then kills at seeded delays (inside writes).
+        kills: list[dict[str, float]] = [
+            {"kill_at_event": k} for k in range(1, 2 * dry.writes // FOLDER_ROUNDS + 2)
+        ]
+        kills += [
+            {"kill_after_s": rng.uniform(0, dry.seconds - (dry.first_write_s or 0))}
+            for _ in range(FOLDER_TIMED_KILLS)
+        ]
+        for kill in kills:
+            rounds = FOLDER_ROUNDS if "kill_at_event" in kill else FOLDER_ROUNDS * 50
+            result = light_zygote.trial(
+                "crashkit.targets:replace_folder_loop", str(final), rounds, exchange, watch=parent, **kill
+            )
+            trials.case()
+            visible = folder_version(final) if final.is_dir() else None
+            recovered = recover_directory(final)
+            after = folder_version(final) if final.is_dir() else None
+            leftovers = [entry.name for entry in parent.iterdir() if entry != final]
+            if after is None:
+                trials.lost()
+            outcomes.append((exchange, kill, result.killed, visible, after, recovered, leftovers))
+    assert [outcome for outcome in outcomes if outcome[4] is None] == [], "a kill lost both versions"
+    assert [outcome for outcome in outcomes if outcome[6]] == [], "the next write removes every leftover"
+    assert all(outcome[2] for outcome in outcomes), outcomes
+    swapped = [outcome for outcome in outcomes if outcome[0]]
+    assert [outcome for outcome in swapped if outcome[3] is None] == [], (
+        "with renameat2 a complete version is under the final name at every moment"
+    )
+    assert {outcome[3] for outcome in swapped} == {"old", "new"}, "kills landed before and after a swap"
+    window = [outcome for outcome in outcomes if not outcome[0] and outcome[3] is None]
+    assert window, "some fallback kills landed between its two renames"
+    trials.note(
+        f"renameat2: {len(swapped)} kills, none without a complete folder; aside fallback: "
+        f"{len(outcomes) - len(swapped)} kills, {len(window)} between the two renames, each restored by "
+        "recover_directory (which every atomic_directory call runs first)"
     )
 
 
