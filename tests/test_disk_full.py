@@ -135,3 +135,40 @@ def test_the_quantizer_does_not_blame_the_disk_when_it_has_room(
     with pytest.raises(ExportError) as caught:
         quantize.quantize_gguf(source, tmp_path / "model-q4_0.gguf", "q4_0")
     assert not isinstance(caught.value, DiskFullError)
+
+
+def test_a_quantized_gguf_is_on_disk_before_its_name_is_and_the_name_is_synced_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from engine import atomic, quantize
+
+    source = tmp_path / "model-f16.gguf"
+    source.write_bytes(b"\0" * 1000)
+    target = tmp_path / "model-q8_0.gguf"
+    calls: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def quantize_whole(src: bytes, dst: bytes, params: Any) -> int:
+        Path(os.fsdecode(dst)).write_bytes(b"GGUF and the rest")
+        return 0
+
+    def fsync(fd: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(source_path: Any, target_path: Any) -> None:
+        calls.append(("rename", f"{Path(source_path).name} -> {Path(target_path).name}"))
+        real_replace(source_path, target_path)
+
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", quantize_whole)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    quantize.quantize_gguf(source, target, "q8_0")
+    temp = atomic.temp_sibling(target)
+    assert calls == [
+        ("fsync", str(temp)),
+        ("rename", f"{temp.name} -> {target.name}"),
+        ("fsync", str(tmp_path)),
+    ]
+    assert target.read_bytes() == b"GGUF and the rest"
