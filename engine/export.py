@@ -942,7 +942,7 @@ def run_export(
     try:
         return _export_stages(plan, options, writer, clock, started)
     except Exception as exc:
-        if is_disk_full(exc, plan.export_dir):
+        if isinstance(exc, DiskFullError) or is_disk_full(exc, plan.export_dir):
             raise export_disk_full_error(plan, clock.name) from exc
         raise
     finally:

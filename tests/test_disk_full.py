@@ -172,3 +172,50 @@ def test_a_quantized_gguf_is_on_disk_before_its_name_is_and_the_name_is_synced_a
         ("fsync", str(tmp_path)),
     ]
     assert target.read_bytes() == b"GGUF and the rest"
+
+
+@pytest.mark.parametrize("stage", ["merge", "convert", "quantize:q4_0"])
+def test_an_export_stage_that_fills_the_disk_ends_as_disk_full_with_the_room_needed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    import types
+
+    from engine import export
+    from engine.events import Progress
+
+    plan = types.SimpleNamespace(export_dir=tmp_path / "export", disk_needed=3_200_000_000)
+
+    def fill_the_disk(plan: Any, options: Any, writer: Any, clock: export.StageClock, started: float) -> None:
+        with clock.stage(stage):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(export, "preflight", lambda options, **kwargs: plan)
+    monkeypatch.setattr(export, "_export_stages", fill_the_disk)
+    writer = EventWriter(None, tmp_path / "events.jsonl")
+    with pytest.raises(DiskFullError) as caught:
+        export.run_export(export.ExportOptions(run_dir=tmp_path / "run"), writer)
+    error = caught.value
+    assert f"during the {stage} stage" in error.message and "about 3.2 GB" in error.message
+    assert "Free some disk space" in error.next_step and "--out" in error.next_step
+    assert [event.stage for event in read_events(tmp_path / "events.jsonl") if isinstance(event, Progress)][
+        -1
+    ] == stage
+    assert not (plan.export_dir / export.PID_FILE).exists()
+
+
+def test_an_export_stage_that_fails_otherwise_is_not_called_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    from engine import export
+
+    plan = types.SimpleNamespace(export_dir=tmp_path / "export", disk_needed=1)
+
+    def fail(plan: Any, options: Any, writer: Any, clock: export.StageClock, started: float) -> None:
+        raise ValueError("tensor shapes differ")
+
+    monkeypatch.setattr(export, "preflight", lambda options, **kwargs: plan)
+    monkeypatch.setattr(export, "_export_stages", fail)
+    with pytest.raises(ValueError, match="tensor shapes differ"):
+        export.run_export(export.ExportOptions(run_dir=tmp_path / "run"))
