@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -138,6 +140,15 @@ def demo_run_dir(demo_workspace: Workspace, demo_model_dir: Path) -> Path:
 def workspace(tmp_path: Path) -> Workspace:
     """A fresh, empty workspace."""
     return Workspace.init(tmp_path / "workspace")
+
+
+@pytest.fixture
+def live_pid() -> Iterator[int]:
+    """The pid of a live process that plays a running trainer (killed when the test ends)."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    yield process.pid
+    process.kill()
+    process.wait()
 
 
 @pytest.fixture

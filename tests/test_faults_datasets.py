@@ -9,7 +9,6 @@ short enough for data.max_length fails with the setting to change instead of tra
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -18,7 +17,7 @@ pytest.register_assert_rewrite("crashkit")
 
 from crashkit.harness import Zygote  # noqa: E402
 from crashkit.plugin import Trials, family  # noqa: E402
-from tuikit import mounted, notifications, wait_for  # noqa: E402
+from tuikit import notifications, run_in_app, start_run_from_form, wait_for  # noqa: E402
 
 from engine.events import RunFailed, read_events  # noqa: E402
 from engine.launch import prepare_run  # noqa: E402
@@ -80,34 +79,19 @@ def test_tunedeck_train_refuses_a_bad_dataset_naming_the_line_and_starts_nothing
 
 @family("bad-datasets")
 def test_the_train_tab_refuses_a_bad_dataset_with_the_line(tiny_workspace: Workspace, trials: Trials) -> None:
-    from textual.widgets import Select
-
-    from tui.app import create_app
     from tui.engine_client import EngineClient
-    from tui.screens.new_run import NewRunScreen
-    from tui.screens.train import TrainView
 
     recipe = tiny_workspace.root / "recipes" / "tiny.toml"
     (tiny_workspace.datasets_dir / "tiny_qa.jsonl").write_bytes(BAD_FILES["misspelt key"][0])
 
-    async def start_from_the_form() -> None:
-        app = create_app(engine=EngineClient(tiny_workspace), initial_tab="train")
-        async with app.run_test(size=(80, 24)) as pilot:
-            await mounted(app, pilot, TrainView)
-            await pilot.press("n")
-            await wait_for(pilot, lambda: isinstance(app.screen, NewRunScreen))
-            form = app.screen
-            form.query_one("#f-recipe", Select).value = str(recipe)
-            await wait_for(
-                pilot, lambda: form.resolved.get("data.dataset") == "tiny_qa.jsonl" and not form.error
-            )
-            await pilot.press("ctrl+s")
-            await wait_for(pilot, lambda: notifications(app), what="the refusal")
-            shown = notifications(app)[-1]
-            assert shown.title == "Dataset problem" and "line 3" in shown.message, shown
-            assert "rename 'anwser' to 'answer'" in shown.message and "tunedeck data lint" in shown.message
+    async def start_from_the_form(app, pilot, train) -> None:
+        await start_run_from_form(app, pilot, recipe, "tiny_qa.jsonl")
+        await wait_for(pilot, lambda: notifications(app), what="the refusal")
+        shown = notifications(app)[-1]
+        assert shown.title == "Dataset problem" and "line 3" in shown.message, shown
+        assert "rename 'anwser' to 'answer'" in shown.message and "tunedeck data lint" in shown.message
 
-    asyncio.run(start_from_the_form())
+    run_in_app(EngineClient(tiny_workspace), start_from_the_form, tab="train")
     assert tiny_workspace.list_run_dirs() == []
     trials.case()
 

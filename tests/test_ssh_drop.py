@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,14 @@ import pytest
 pytest.register_assert_rewrite("crashkit")
 
 from crashkit.plugin import Trials, family  # noqa: E402
-from tuikit import REPO_ROOT, Tmux  # noqa: E402
+from tuikit import (  # noqa: E402
+    LONG_RECIPE,
+    LONG_STEPS,
+    REPO_ROOT,
+    Tmux,
+    wait_until,
+    write_long_recipe,
+)
 
 from engine.events import Step, read_events  # noqa: E402
 from engine.launch import stop_run, wait_run  # noqa: E402
@@ -31,30 +37,9 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed"),
 ]
 
-LONG_STEPS = 4000
-LONG_NAME = "tiny_long"  # sorts after tiny.toml, so End picks it in the recipe list
-LONG_SLUG = "tiny-long"
-
-
-def long_recipe(workspace: Workspace) -> None:
-    """recipes/tiny_long.toml: the tiny recipe, far longer than the test watches it."""
-    text = (workspace.root / "recipes" / "tiny.toml").read_text()
-    text = re.sub(r"(?m)^epochs = .*$", f"epochs = {LONG_STEPS}", text)
-    text = re.sub(r"(?m)^save_steps = .*$", "save_steps = 25", text)
-    text = re.sub(r"(?m)^name = .*$", f'name = "{LONG_NAME}"', text)
-    (workspace.root / "recipes" / f"{LONG_NAME}.toml").write_text(text)
-
 
 def steps_logged(run_dir: Path) -> list[int]:
     return [event.step for event in read_events(run_dir / "events.jsonl") if isinstance(event, Step)]
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def assert_keeps_training(run_dir: Path, trainer_pid: int) -> int:
@@ -84,24 +69,13 @@ def reattach_and_check(tmux: Tmux, session: str, workspace: Workspace, run_dir: 
 def test_killing_the_tuis_terminal_or_sighup_leaves_training_running_and_reattachable(
     tiny_workspace: Workspace, tmp_path: Path, trials: Trials
 ) -> None:
-    long_recipe(tiny_workspace)
+    write_long_recipe(tiny_workspace.root)
     tmux = Tmux(f"tunedeck-drop-{os.getpid()}", tmp_path)
     run_dirs: list[Path] = []
     try:
         tmux.start("first", tmux.tui_command(tiny_workspace.root))
         tmux.wait_for("first", r"1 Dataset")
-        tmux.keys("first", "2")
-        tmux.wait_for("first", r"Runs")
-        tmux.keys("first", "n")
-        tmux.wait_for("first", r"New training run")
-        time.sleep(0.5)
-        tmux.keys("first", "Enter")
-        tmux.wait_for("first", r"qlora-7b")  # the recipe list is open
-        tmux.keys("first", "End", "Enter")
-        tmux.wait_for("first", rf"recipe\s+{LONG_NAME}")
-        tmux.keys("first", "C-s")
-        tmux.wait_for("first", rf"{LONG_SLUG} running", timeout=60)
-        seen = int(tmux.wait_for("first", rf"([1-9]\d*)/{LONG_STEPS}", timeout=180).group(1))
+        seen = tmux.start_long_run_from_form("first")
         run_dirs += tiny_workspace.list_run_dirs()
         assert len(run_dirs) == 1
         run_dir = run_dirs[0]
@@ -138,12 +112,12 @@ def test_killing_the_tuis_terminal_or_sighup_leaves_training_running_and_reattac
 def test_killing_the_terminal_of_train_wait_detaches_and_training_goes_on(
     tiny_workspace: Workspace, tmp_path: Path, trials: Trials
 ) -> None:
-    long_recipe(tiny_workspace)
+    write_long_recipe(tiny_workspace.root)
     tmux = Tmux(f"tunedeck-drop-cli-{os.getpid()}", tmp_path)
     run_dirs: list[Path] = []
     command = (
         f"env PYTHONPATH={REPO_ROOT} {sys.executable} -m engine.cli --workspace {tiny_workspace.root} "
-        f"train {LONG_NAME} --wait"
+        f"train {LONG_RECIPE} --wait"
     )
     try:
         tmux.start("cli", command)

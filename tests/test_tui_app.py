@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "tui"))
 
 from textual import work
 from textual.widgets import Input
-from tui_workspace import engine_for, make_workspace, screen_text, wait_for
+from tui_workspace import engine_for, make_workspace
+from tuikit import run_in_app, screen_text, wait_for
 
 from engine.errors import DiskFullError
 from engine.workspace import Workspace
-from tui.app import TunedeckApp, create_app
+from tui.app import TunedeckApp
 from tui.screens.modals import ErrorScreen, HelpScreen
 from tui.widgets.status_line import StatusLine
 
@@ -26,198 +24,161 @@ REPO = Path(__file__).resolve().parent.parent
 HEAVY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "llama_cpp")
 
 
-@pytest.fixture
-def live_pid() -> int:
-    """A live process that plays a running trainer."""
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield process.pid
-    process.kill()
-    process.wait()
-
-
 def test_opens_at_80x24_with_tabs_status_line_and_footer(tmp_path: Path, live_pid: int) -> None:
     workspace = make_workspace(tmp_path / "ws", live_pid)
 
-    async def scenario() -> None:
-        app = create_app(engine=engine_for(workspace))
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.shell_ready)
-            await wait_for(pilot, lambda: app.query_one(StatusLine).run is not None)
-            await wait_for(pilot, lambda: "? Help" in screen_text(app))
-            text = screen_text(app)
-            assert "1 Dataset" in text and "2 Train" in text and "3 Chat" in text and "4 Export" in text
-            assert str(tmp_path / "ws")[-20:] in text or "ws" in text
-            # The running recorded run is the active one until the Train tab opens another.
-            assert "running" in app.query_one(StatusLine).render().plain
-            assert "? Help" in text and "^q Quit" in text
-            assert len(text.splitlines()) == 24
+    async def scenario(app, pilot, view) -> None:
+        await wait_for(pilot, lambda: app.query_one(StatusLine).run is not None)
+        await wait_for(pilot, lambda: "? Help" in screen_text(app))
+        text = screen_text(app)
+        assert "1 Dataset" in text and "2 Train" in text and "3 Chat" in text and "4 Export" in text
+        assert str(tmp_path / "ws")[-20:] in text or "ws" in text
+        # The running recorded run is the active one until the Train tab opens another.
+        assert "running" in app.query_one(StatusLine).render().plain
+        assert "? Help" in text and "^q Quit" in text
+        assert len(text.splitlines()) == 24
 
-    asyncio.run(scenario())
+    run_in_app(engine_for(workspace), scenario)
 
 
 def test_number_and_function_keys_switch_tabs_but_type_into_inputs(tmp_path: Path) -> None:
     workspace = Workspace.init(tmp_path / "ws")
 
-    async def scenario() -> None:
-        app = create_app(engine=engine_for(workspace))
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.shell_ready)
-            for key, tab in (
-                ("2", "train"),
-                ("4", "export"),
-                ("1", "dataset"),
-                ("f3", "chat"),
-                ("f2", "train"),
-                ("f1", "dataset"),
-                ("f4", "export"),
-                ("3", "chat"),
-            ):
-                await pilot.press(key)
-                await pilot.pause()
-                assert app.active_tab == tab, key
-            chat_input = app.query_one("#chat-input", Input)
-            await wait_for(pilot, lambda: chat_input.has_focus)
-            await pilot.press("2", "4")
-            assert app.active_tab == "chat"
-            assert chat_input.value == "24"
-            await pilot.press("f2")
-            assert app.active_tab == "train"
+    async def scenario(app, pilot, view) -> None:
+        for key, tab in (
+            ("2", "train"),
+            ("4", "export"),
+            ("1", "dataset"),
+            ("f3", "chat"),
+            ("f2", "train"),
+            ("f1", "dataset"),
+            ("f4", "export"),
+            ("3", "chat"),
+        ):
+            await pilot.press(key)
+            await pilot.pause()
+            assert app.active_tab == tab, key
+        chat_input = app.query_one("#chat-input", Input)
+        await wait_for(pilot, lambda: chat_input.has_focus)
+        await pilot.press("2", "4")
+        assert app.active_tab == "chat"
+        assert chat_input.value == "24"
+        await pilot.press("f2")
+        assert app.active_tab == "train"
 
-    asyncio.run(scenario())
+    run_in_app(engine_for(workspace), scenario)
 
 
 def test_tabs_other_than_the_first_are_built_on_first_show(tmp_path: Path) -> None:
     workspace = Workspace.init(tmp_path / "ws")
 
-    async def scenario() -> None:
-        app = create_app(engine=engine_for(workspace))
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.shell_ready)
-            assert not app.query("#train-view")
-            await pilot.press("2")
-            await wait_for(pilot, lambda: bool(app.query("#train-view")))
+    async def scenario(app, pilot, view) -> None:
+        assert not app.query("#train-view")
+        await pilot.press("2")
+        await wait_for(pilot, lambda: bool(app.query("#train-view")))
 
-    asyncio.run(scenario())
+    run_in_app(engine_for(workspace), scenario)
 
 
 def test_help_lists_the_keys_of_every_tab(tmp_path: Path) -> None:
     workspace = Workspace.init(tmp_path / "ws")
 
-    async def scenario() -> None:
-        app = create_app(engine=engine_for(workspace))
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.shell_ready)
-            await pilot.press("question_mark")
-            await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
-            assert "Everywhere" in screen_text(app)
-            help_text = " ".join(
-                f"{title}: " + " ".join(binding.description for binding in bindings)
-                for title, bindings in app.screen.sections
-            )
-            for expected in (
-                "Dataset tab",
-                "Train: New run",
-                "Stop reply",
-                "Compare",
-                "Export",
-                "Undo",
-                "Filter",
-            ):
-                assert expected in help_text, expected
-            await pilot.press("escape")
-            await wait_for(pilot, lambda: not isinstance(app.screen, HelpScreen))
+    async def scenario(app, pilot, view) -> None:
+        await pilot.press("question_mark")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
+        assert "Everywhere" in screen_text(app)
+        help_text = " ".join(
+            f"{title}: " + " ".join(binding.description for binding in bindings)
+            for title, bindings in app.screen.sections
+        )
+        for expected in (
+            "Dataset tab",
+            "Train: New run",
+            "Stop reply",
+            "Compare",
+            "Export",
+            "Undo",
+            "Filter",
+        ):
+            assert expected in help_text, expected
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not isinstance(app.screen, HelpScreen))
 
-    asyncio.run(scenario())
+    run_in_app(engine_for(workspace), scenario)
 
 
 def test_command_palette_offers_every_tab_action(tmp_path: Path) -> None:
     workspace = Workspace.init(tmp_path / "ws")
 
-    async def scenario() -> None:
-        app = create_app(engine=engine_for(workspace))
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.shell_ready)
-            await pilot.press("2")
-            await wait_for(pilot, lambda: bool(app.query("#train-view")))
-            titles = [command.title for command in app.get_system_commands(app.screen)]
-            assert "Go to Chat" in titles
-            assert "Train: New run" in titles
-            assert "Dataset: Add" in titles
-            await pilot.press("ctrl+p")
-            await pilot.pause(0.3)
-            assert app.screen.__class__.__name__ == "CommandPalette"
-            await pilot.press(*"go to export")
-            await pilot.pause(0.5)
-            await pilot.press("enter")
-            await wait_for(pilot, lambda: app.active_tab == "export")
+    async def scenario(app, pilot, view) -> None:
+        await pilot.press("2")
+        await wait_for(pilot, lambda: bool(app.query("#train-view")))
+        titles = [command.title for command in app.get_system_commands(app.screen)]
+        assert "Go to Chat" in titles
+        assert "Train: New run" in titles
+        assert "Dataset: Add" in titles
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.3)
+        assert app.screen.__class__.__name__ == "CommandPalette"
+        await pilot.press(*"go to export")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.active_tab == "export")
 
-    asyncio.run(scenario())
+    run_in_app(engine_for(workspace), scenario)
 
 
 def test_an_engine_error_in_a_worker_becomes_a_titled_notification(tmp_path: Path) -> None:
     workspace = Workspace.init(tmp_path / "ws")
 
-    async def scenario() -> None:
-        app = create_app(engine=engine_for(workspace))
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.shell_ready)
-            view = app.query_one("#dataset-view")
+    async def scenario(app, pilot, view) -> None:
+        @work(thread=True, exit_on_error=False)
+        def failing(self) -> None:
+            raise DiskFullError(
+                "The disk filled up while writing x.jsonl; the previous version is untouched.",
+                next_step="Free some disk space and try again.",
+            )
 
-            @work(thread=True, exit_on_error=False)
-            def failing(self) -> None:
-                raise DiskFullError(
-                    "The disk filled up while writing x.jsonl; the previous version is untouched.",
-                    next_step="Free some disk space and try again.",
-                )
+        failing(view)
+        await wait_for(pilot, lambda: bool(app._notifications))
+        notification = list(app._notifications)[-1]
+        assert notification.title == "Disk full"
+        assert notification.message.startswith("The disk filled up while writing x.jsonl")
+        assert "→ Free some disk space" in notification.message
+        assert notification.severity == "error"
 
-            failing(view)
-            await wait_for(pilot, lambda: bool(app._notifications))
-            notification = list(app._notifications)[-1]
-            assert notification.title == "Disk full"
-            assert notification.message.startswith("The disk filled up while writing x.jsonl")
-            assert "→ Free some disk space" in notification.message
-            assert notification.severity == "error"
-
-    asyncio.run(scenario())
+    run_in_app(engine_for(workspace), scenario)
 
 
 def test_an_unexpected_error_opens_a_modal_and_logs_the_traceback(tmp_path: Path) -> None:
     workspace = Workspace.init(tmp_path / "ws")
 
-    async def scenario() -> None:
-        app = create_app(engine=engine_for(workspace))
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.shell_ready)
-            view = app.query_one("#dataset-view")
+    async def scenario(app, pilot, view) -> None:
+        @work(thread=True, exit_on_error=False)
+        def buggy(self) -> None:
+            raise KeyError("question")
 
-            @work(thread=True, exit_on_error=False)
-            def buggy(self) -> None:
-                raise KeyError("question")
+        buggy(view)
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorScreen))
+        assert app.screen.failure.title == "Unexpected error"
+        assert "KeyError" in app.screen.failure.message
+        log = workspace.root / ".tunedeck" / "logs" / "tui-errors.log"
+        assert "KeyError: 'question'" in log.read_text()
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not isinstance(app.screen, ErrorScreen))
 
-            buggy(view)
-            await wait_for(pilot, lambda: isinstance(app.screen, ErrorScreen))
-            assert app.screen.failure.title == "Unexpected error"
-            assert "KeyError" in app.screen.failure.message
-            log = workspace.root / ".tunedeck" / "logs" / "tui-errors.log"
-            assert "KeyError: 'question'" in log.read_text()
-            await pilot.press("escape")
-            await wait_for(pilot, lambda: not isinstance(app.screen, ErrorScreen))
-
-    asyncio.run(scenario())
+    run_in_app(engine_for(workspace), scenario)
 
 
 def test_quit_key_exits(tmp_path: Path) -> None:
     workspace = Workspace.init(tmp_path / "ws")
 
-    async def scenario() -> None:
-        app = create_app(engine=engine_for(workspace))
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.shell_ready)
-            await pilot.press("ctrl+q")
-            await pilot.pause(0.2)
-        assert app.return_code == 0
+    async def scenario(app, pilot, view) -> None:
+        await pilot.press("ctrl+q")
+        await pilot.pause(0.2)
 
-    asyncio.run(scenario())
+    app = run_in_app(engine_for(workspace), scenario)
+    assert app.return_code == 0
 
 
 def test_the_tui_never_imports_the_ml_stack(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +12,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "tui"))
 
 from textual.containers import Horizontal
 from textual.widgets import Input, TextArea
-from tui_workspace import FINISHED, engine_for, make_workspace, screen_text, wait_for
+from tui_workspace import FINISHED, engine_for, make_workspace
+from tuikit import notifications, run_in_app, screen_text, wait_for
 
 from engine.workspace import Workspace
-from tui.app import create_app
 from tui.engine_client import ChatSource
 from tui.screens.chat import ChatMessage, ChatView, Sampling
 from tui.screens.chat_settings import ChatSettingsScreen, parse_sampling
 from tui.screens.modals import PickScreen
-from tui.screens.train import TrainView
 
 ADAPTER_REPLY = "Paris is the capital of France."
 BASE_REPLY = "The capital of France is Paris, a city on the Seine known for many things."
@@ -40,18 +38,10 @@ def run_chat(
     env: dict[str, str] | None = None,
     monkeypatch: pytest.MonkeyPatch | None = None,
 ) -> None:
+    """Run `scenario(app, pilot, view)` in the Chat tab, then quit as ctrl+q does."""
     for key, value in (env or {}).items():
         monkeypatch.setenv(key, value)
-
-    async def main() -> None:
-        app = create_app(engine=engine_for(workspace), initial_tab="chat")
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.shell_ready)
-            view = app.query_one(ChatView)
-            await scenario(app, pilot, view)
-            await app.action_quit()
-
-    asyncio.run(main())
+    run_in_app(engine_for(workspace), scenario, tab="chat", quit_after=True)
 
 
 def replies(view: ChatView) -> list[ChatMessage]:
@@ -189,20 +179,20 @@ def test_sampling_parser_names_the_bad_field() -> None:
 
 
 def test_chat_with_run_from_the_train_tab(workspace: Workspace) -> None:
-    async def main() -> None:
-        app = create_app(engine=engine_for(workspace), initial_tab="train")
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.shell_ready)
-            train = app.query_one(TrainView)
-            await wait_for(pilot, lambda: train.opened is not None)
-            await pilot.press("c")
-            await wait_for(pilot, lambda: bool(app.query(ChatView)))
-            chat = app.query_one(ChatView)
-            await wait_for(pilot, lambda: chat.ready)
-            assert chat.source.kind == "run" and chat.source.path.endswith(FINISHED)
-            await app.action_quit()
+    async def scenario(app, pilot, train) -> None:
+        await pilot.press("c")
+        await wait_for(pilot, lambda: bool(app.query(ChatView)))
+        chat = app.query_one(ChatView)
+        await wait_for(pilot, lambda: chat.ready)
+        assert chat.source.kind == "run" and chat.source.path.endswith(FINISHED)
 
-    asyncio.run(main())
+    run_in_app(
+        engine_for(workspace),
+        scenario,
+        tab="train",
+        ready=lambda train: train.opened is not None,
+        quit_after=True,
+    )
 
 
 def test_quitting_ends_the_chat_engine(workspace: Workspace) -> None:
@@ -220,19 +210,16 @@ def test_quitting_ends_the_chat_engine(workspace: Workspace) -> None:
 
 
 def test_an_engine_that_cannot_start_is_reported_and_the_question_is_not_lost(workspace: Workspace) -> None:
-    async def main() -> None:
-        engine = engine_for(workspace)
-        engine.module_commands["engine.chat"] = [str(workspace.root / "no-such-python")]
-        app = create_app(engine=engine, initial_tab="chat")
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.shell_ready)
-            view = app.query_one(ChatView)
-            await ask(pilot, "Hello?")
-            await wait_for(pilot, lambda: view.state == "stopped")
-            notification = list(app._notifications)[-1]
-            assert notification.title == "Chat engine stopped"
-            assert "could not be started" in notification.message
-            assert view.active_request is None and view.pending is None
-            assert view.history[0] == {"role": "user", "content": "Hello?"}
+    engine = engine_for(workspace)
+    engine.module_commands["engine.chat"] = [str(workspace.root / "no-such-python")]
 
-    asyncio.run(main())
+    async def scenario(app, pilot, view) -> None:
+        await ask(pilot, "Hello?")
+        await wait_for(pilot, lambda: view.state == "stopped")
+        notification = notifications(app)[-1]
+        assert notification.title == "Chat engine stopped"
+        assert "could not be started" in notification.message
+        assert view.active_request is None and view.pending is None
+        assert view.history[0] == {"role": "user", "content": "Hello?"}
+
+    run_in_app(engine, scenario, tab="chat")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -14,12 +13,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "tui"))
 
 from textual.widgets import DataTable, Input, TextArea
-from tui_workspace import PAIRS, engine_for, make_workspace, screen_text, wait_for
+from tui_workspace import PAIRS, engine_for, make_workspace
+from tuikit import run_in_app, screen_text, wait_for
 
 from engine.dataset import QAPair, load_pairs
 from engine.errors import DatasetError
 from engine.workspace import Workspace
-from tui.app import create_app
 from tui.dataset_doc import DatasetDocument
 from tui.screens.dataset import DatasetView
 from tui.screens.edit_pair import EditPairScreen
@@ -39,17 +38,13 @@ def dataset_file(workspace: Workspace) -> Path:
 
 
 def run(workspace: Workspace, scenario) -> None:
-    async def main() -> None:
-        app = create_app(engine=engine_for(workspace))
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.shell_ready)
-            view = app.query_one(DatasetView)
-            await wait_for(
-                pilot, lambda: view.document is not None and view.lint_version == view.document.version
-            )
-            await scenario(app, pilot, view)
+    """Run `scenario(app, pilot, view)` in the Dataset tab once its file is open and linted."""
+    run_in_app(engine_for(workspace), scenario, tab="dataset", ready=document_linted)
 
-    asyncio.run(main())
+
+def document_linted(view: DatasetView) -> bool:
+    """True once the tab's dataset is open and its lints are up to date."""
+    return view.document is not None and view.lint_version == view.document.version
 
 
 async def saved(pilot, view: DatasetView) -> None:

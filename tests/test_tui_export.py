@@ -3,7 +3,6 @@ on an exported GGUF."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -14,15 +13,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "tui"))
 
 from textual.widgets import Checkbox, DataTable, Input, Select
-from tui_workspace import FAILED, FAKE_EXPORT, FINISHED, engine_for, make_workspace, screen_text, wait_for
+from tui_workspace import FAILED, FAKE_EXPORT, FINISHED, engine_for, make_workspace
+from tuikit import run_in_app, screen_text, wait_for
 
 from engine.workspace import Workspace, pid_alive
-from tui.app import create_app
 from tui.export_report import similarity
 from tui.screens.chat import ChatMessage, ChatView
 from tui.screens.export import ExportView, StageRow
 from tui.screens.modals import ConfirmScreen, TextScreen
-from tui.screens.train import TrainView
 
 STAGES = [
     "preflight",
@@ -54,14 +52,8 @@ def past_export(workspace: Workspace, *args: str) -> Path:
 
 
 def run_export(workspace: Workspace, scenario) -> None:
-    async def main() -> None:
-        app = create_app(engine=engine_for(workspace), initial_tab="export")
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.shell_ready)
-            await scenario(app, pilot, app.query_one(ExportView))
-            await app.action_quit()
-
-    asyncio.run(main())
+    """Run `scenario(app, pilot, view)` in the Export tab, then quit as ctrl+q does."""
+    run_in_app(engine_for(workspace), scenario, tab="export", quit_after=True)
 
 
 def plain_row(table: DataTable, key: str) -> list[str]:
@@ -324,18 +316,18 @@ def test_a_preflight_refusal_shows_as_the_preflight_result(
 
 
 def test_export_from_the_train_tab_preselects_the_run(workspace: Workspace) -> None:
-    async def main() -> None:
-        app = create_app(engine=engine_for(workspace), initial_tab="train")
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.shell_ready)
-            train = app.query_one(TrainView)
-            await wait_for(pilot, lambda: train.opened is not None and train.opened.run_id == FAILED)
-            await pilot.press("e")
-            await wait_for(pilot, lambda: bool(app.query(ExportView)))
-            await wait_for(pilot, lambda: app.query_one("#export-run", Select).value == FAILED)
-            await app.action_quit()
+    async def scenario(app, pilot, train) -> None:
+        await pilot.press("e")
+        await wait_for(pilot, lambda: bool(app.query(ExportView)))
+        await wait_for(pilot, lambda: app.query_one("#export-run", Select).value == FAILED)
 
-    asyncio.run(main())
+    run_in_app(
+        engine_for(workspace),
+        scenario,
+        tab="train",
+        ready=lambda train: train.opened is not None and train.opened.run_id == FAILED,
+        quit_after=True,
+    )
 
 
 def test_a_report_without_parity_still_lists_its_files(workspace: Workspace) -> None:

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "tui"))
-
-from textual.widgets import Select
-from tui_workspace import wait_for
+from tuikit import run_in_app, start_run_from_form, wait_for
 
 from engine.launch import stop_run
 from engine.workspace import Workspace
-from tui.app import create_app
 from tui.engine_client import EngineClient
 from tui.screens.chat import ChatMessage, ChatView
-from tui.screens.new_run import NewRunScreen
-from tui.screens.train import TrainView
 
 pytestmark = pytest.mark.slow
 
@@ -33,44 +24,30 @@ def test_train_from_the_form_then_chat_through_the_adapter(tiny_workspace: Works
     )
     started: list[Path] = []
 
-    async def main() -> None:
-        app = create_app(engine=EngineClient(tiny_workspace), initial_tab="train")
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.shell_ready)
-            train = app.query_one(TrainView)
-            await pilot.press("n")
-            await wait_for(pilot, lambda: isinstance(app.screen, NewRunScreen))
-            form = app.screen
-            form.query_one("#f-recipe", Select).value = str(recipe)
-            await wait_for(
-                pilot, lambda: form.resolved.get("data.dataset") == "tiny_qa.jsonl" and not form.error
-            )
-            await pilot.press("ctrl+s")
-            await wait_for(
-                pilot, lambda: train.opened is not None and train.opened.run_id.endswith("tiny"), 30
-            )
-            started.append(train.opened.run_dir)
-            # Events of the detached trainer reach the tab: steps with loss, then the end.
-            await wait_for(pilot, lambda: train.opened.step > 0 and train.opened.loss is not None, 240)
-            await wait_for(pilot, lambda: train.opened.status == "finished", 300)
-            snap = train.opened
-            assert snap.total_steps == snap.step > 0
-            assert snap.checkpoints and len(snap.loss_points) > 1
-            assert snap.loss_points[-1][1] < snap.loss_points[0][1]
+    async def scenario(app, pilot, train) -> None:
+        await start_run_from_form(app, pilot, recipe, "tiny_qa.jsonl")
+        await wait_for(pilot, lambda: train.opened is not None and train.opened.run_id.endswith("tiny"), 30)
+        started.append(train.opened.run_dir)
+        # Events of the detached trainer reach the tab: steps with loss, then the end.
+        await wait_for(pilot, lambda: train.opened.step > 0 and train.opened.loss is not None, 240)
+        await wait_for(pilot, lambda: train.opened.status == "finished", 300)
+        snap = train.opened
+        assert snap.total_steps == snap.step > 0
+        assert snap.checkpoints and len(snap.loss_points) > 1
+        assert snap.loss_points[-1][1] < snap.loss_points[0][1]
 
-            await pilot.press("c")
-            await wait_for(pilot, lambda: bool(app.query(ChatView)))
-            chat = app.query_one(ChatView)
-            assert chat.source.kind == "run"
-            await pilot.press(*"What is the capital of France?", "enter")
-            await wait_for(pilot, lambda: chat.history and chat.history[-1]["role"] == "assistant", 240)
-            reply = [w for w in chat.query(ChatMessage) if w.role == "assistant"][-1]
-            assert "tokens" in reply.footer_text
-            assert "Paris" in reply.text, reply.text
-            await app.action_quit()
+        await pilot.press("c")
+        await wait_for(pilot, lambda: bool(app.query(ChatView)))
+        chat = app.query_one(ChatView)
+        assert chat.source.kind == "run"
+        await pilot.press(*"What is the capital of France?", "enter")
+        await wait_for(pilot, lambda: chat.history and chat.history[-1]["role"] == "assistant", 240)
+        reply = [w for w in chat.query(ChatMessage) if w.role == "assistant"][-1]
+        assert "tokens" in reply.footer_text
+        assert "Paris" in reply.text, reply.text
 
     try:
-        asyncio.run(main())
+        run_in_app(EngineClient(tiny_workspace), scenario, tab="train", quit_after=True)
     finally:
         for run_dir in started:
             stop_run(run_dir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "tui"))
 
-from textual.widgets import DataTable, Input
+from textual.widgets import Input
 from tui_workspace import (
     FAILED,
     FINISHED,
@@ -24,28 +23,24 @@ from tui_workspace import (
     FakeLauncher,
     engine_for,
     make_workspace,
+)
+from tuikit import (
+    open_in_train_tab,
+    run_in_app,
+    runs_table_glyphs,
     screen_text,
+    train_detail_text,
     wait_for,
 )
 
 from engine.events import read_events
 from engine.workspace import Workspace, summarize_events
-from tui.app import create_app
 from tui.run_state import RunState, Series, short_run_label
 from tui.screens.modals import ConfirmScreen
 from tui.screens.new_run import NewRunScreen, estimated_steps, override_text
-from tui.screens.train import RunDetail, TrainView
+from tui.screens.train import RunDetail
 from tui.widgets.plot import plot_lines
 from tui.widgets.status_line import StatusLine
-
-
-@pytest.fixture
-def live_pid() -> int:
-    """A live process that plays the running trainer of the recorded `running` run."""
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
-    yield process.pid
-    process.kill()
-    process.wait()
 
 
 @pytest.fixture
@@ -54,27 +49,9 @@ def workspace(tmp_path: Path, live_pid: int) -> Workspace:
 
 
 def run_app(workspace: Workspace, scenario, launcher: object | None = None) -> None:
-    async def main() -> None:
-        app = create_app(engine=engine_for(workspace, launcher), initial_tab="train")
-        async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for(pilot, lambda: app.shell_ready)
-            view = app.query_one(TrainView)
-            await wait_for(pilot, lambda: view.opened is not None)
-            await scenario(app, pilot, view)
-
-    asyncio.run(main())
-
-
-async def open_run(app, pilot, view: TrainView, run_id: str) -> None:
-    table = app.query_one("#runs-table", DataTable)
-    await wait_for(pilot, lambda: run_id in view._row_order)
-    table.move_cursor(row=view._row_order.index(run_id))
-    await wait_for(pilot, lambda: app.query_one(RunDetail).shown_run_id == run_id)
-
-
-def detail_text(app) -> str:
-    return " ".join(
-        str(app.query_one(f"#{name}").render()) for name in ("run-header", "run-problem", "run-metrics")
+    """Run `scenario(app, pilot, view)` in the Train tab once it has opened a run."""
+    run_in_app(
+        engine_for(workspace, launcher), scenario, tab="train", ready=lambda view: view.opened is not None
     )
 
 
@@ -98,27 +75,26 @@ def test_incremental_state_agrees_with_summarize_events(
 def test_statuses_are_honest_in_the_list_and_the_detail(workspace: Workspace) -> None:
     async def scenario(app, pilot, view) -> None:
         assert view.opened.run_id == RUNNING  # the newest active run opens first
-        table = app.query_one("#runs-table", DataTable)
-        glyphs = {key.value: str(table.get_cell(key, "glyph")) for key in table.rows}
-        assert glyphs == {RUNNING: "▶", INTERRUPTED: "⚠", FAILED: "✖", FINISHED: "✔"}
-        assert "running" in detail_text(app) and "30/96" in str(app.query_one("#run-progress-label").render())
+        assert runs_table_glyphs(app) == {RUNNING: "▶", INTERRUPTED: "⚠", FAILED: "✖", FINISHED: "✔"}
+        assert "running" in train_detail_text(app)
+        assert "30/96" in str(app.query_one("#run-progress-label").render())
 
-        await open_run(app, pilot, view, FAILED)
-        text = detail_text(app)
+        await open_in_train_tab(app, pilot, FAILED)
+        text = train_detail_text(app)
         assert "failed" in text and "running" not in text
         assert "Out of memory: The GPU ran out of memory at step 38" in text
         assert "→ Lower train.batch_size or data.max_length" in text
 
-        await open_run(app, pilot, view, INTERRUPTED)
-        text = detail_text(app)
+        await open_in_train_tab(app, pilot, INTERRUPTED)
+        text = train_detail_text(app)
         assert "interrupted" in text and "running" not in text
         assert (
             "gone without a final event" in text and "r resumes from the newest checkpoint (step 50)" in text
         )
 
-        await open_run(app, pilot, view, FINISHED)
-        assert "✔ Finished at step 48" in detail_text(app)
-        assert "mem" in detail_text(app)
+        await open_in_train_tab(app, pilot, FINISHED)
+        assert "✔ Finished at step 48" in train_detail_text(app)
+        assert "mem" in train_detail_text(app)
         # The status line follows the run the Train tab opened.
         await wait_for(pilot, lambda: app.query_one(StatusLine).run.run_id == FINISHED)
 
@@ -231,7 +207,7 @@ def test_resume_continues_an_interrupted_run(workspace: Workspace) -> None:
     launcher = FakeLauncher(steps=20, rate=40)
 
     async def scenario(app, pilot, view) -> None:
-        await open_run(app, pilot, view, INTERRUPTED)
+        await open_in_train_tab(app, pilot, INTERRUPTED)
         await pilot.press("r")
         await wait_for(pilot, lambda: launcher.calls == [("resume", INTERRUPTED)])
         await wait_for(pilot, lambda: view.opened.status in ("running", "finished"), timeout=10)
