@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import html
 import re
 import shlex
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +39,6 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> No
         time.sleep(0.2)
 
 
-@contextlib.asynccontextmanager
-async def running_app(engine: Any, *, tab: str = "dataset") -> AsyncIterator[tuple[Any, Any]]:
-    """The app over `engine`, opened on `tab` in a headless 80×24 terminal; yields (app, pilot) once it is up."""
-    from tui.app import create_app
-
-    app = create_app(engine=engine, initial_tab=tab)
-    async with app.run_test(size=TERMINAL_SIZE) as pilot:
-        await wait_for(pilot, lambda: app.shell_ready, what="the app's first tab")
-        yield app, pilot
-
-
 def run_in_app(
     engine: Any,
     scenario: Callable[[Any, Any, Any], Awaitable[None]],
@@ -59,13 +47,14 @@ def run_in_app(
     ready: Callable[[Any], object] | None = None,
     quit_after: bool = False,
 ) -> Any:
-    """Run `scenario(app, pilot, view)` on `tab`'s view once `ready(view)` holds, and return the app.
-
-    With `quit_after` the app then quits as ctrl+q does (each tab shuts its engine down) instead of only closing.
-    """
+    """Run `scenario(app, pilot, view)` in the app opened on `tab` at 80×24 once `ready(view)` holds, and return
+    the app; with `quit_after` the app then quits as ctrl+q does (each tab shuts its engine down)."""
+    from tui.app import create_app
 
     async def main() -> Any:
-        async with running_app(engine, tab=tab) as (app, pilot):
+        app = create_app(engine=engine, initial_tab=tab)
+        async with app.run_test(size=TERMINAL_SIZE) as pilot:
+            await wait_for(pilot, lambda: app.shell_ready, what="the app's first tab")
             view = app.query_one(f"#{tab}-view")
             if ready is not None:
                 await wait_for(pilot, lambda: ready(view), what=f"the {tab} tab to be ready")
