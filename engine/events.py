@@ -64,7 +64,8 @@ class RunStarted(Event):
 @_register
 @dataclasses.dataclass
 class Step(Event):
-    """One optimizer step; `tokens_per_s` counts trained (non-pad) tokens, `eta_s` is the time left."""
+    """One optimizer step; `tokens` are the trained (non-pad) tokens since the previous step event, summed
+    over every process of the run, `tokens_per_s` their rate, `eta_s` the time left."""
 
     type: ClassVar[str] = "step"
     step: int
@@ -77,6 +78,7 @@ class Step(Event):
     gpu_mem_gib: float | None = None
     eta_s: float | None = None
     elapsed_s: float | None = None
+    tokens: int | None = None
 
 
 @_register

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.atomic import atomic_directory, atomic_write_text
+from engine.distributed import launcher_command, wants_launcher
 from engine.errors import DatasetError, ResumeError, WorkspaceError
 from engine.modeling import DEMO_BASE, check_model_folder, is_local_model, resolve_base_model
 from engine.recipes import Recipe, find_recipe, load_recipe
@@ -218,6 +219,15 @@ def train_command(run_dir: Path, *, resume: bool = False) -> list[str]:
     return [sys.executable, "-P", "-m", TRAIN_MODULE, "--run-dir", str(run_dir), *resume_flag]
 
 
+def run_command(run_dir: Path, *, resume: bool = False) -> list[str]:
+    """The command that trains a run folder: the trainer itself, or, when its recipe asks for more than one
+    GPU, the launcher that starts one trainer per GPU through accelerate (engine.distributed)."""
+    recipe = load_recipe(Path(run_dir) / RUN_RECIPE_FILE)
+    if wants_launcher(recipe):
+        return launcher_command(run_dir, resume=resume)
+    return train_command(run_dir, resume=resume)
+
+
 def _child_env(run_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     paths = [str(REPO_ROOT), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
@@ -233,12 +243,13 @@ def spawn_training(run_dir: Path, *, resume: bool = False) -> int:
     """Start the trainer for `run_dir` detached (own session, no terminal), record its pid and return it.
 
     Events go to run_dir/events.jsonl; stderr (tracebacks of crashes before logging starts) to train.log.
+    The recorded pid is the one to signal: the trainer's, or the launcher's for a run on several GPUs.
     """
     run_dir = Path(run_dir).resolve()
     _reap()
     with open(run_dir / RUN_LOG_FILE, "ab") as log:
         process = subprocess.Popen(
-            train_command(run_dir, resume=resume),
+            run_command(run_dir, resume=resume),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log,
