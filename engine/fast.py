@@ -1,11 +1,9 @@
-"""Padding-free QLoRA/LoRA training steps for CUDA: length-grouped steps, token-budget packing, varlen
-attention.
+"""Padding-free QLoRA/LoRA training steps: length-grouped steps, token-budget packing, varlen attention.
 
-The trainer calls `apply_gpu_speedups(model, recipe)` on CUDA and, when it returns a runner, feeds each
-optimizer
-step's samples through `plan_micro_batches` + `pack_examples` + `runner.train_step`. Semantics match the
-plain path:
-the same model and LoRA adapters, loss on answer tokens only, averaged over every answer token of the step.
+engine.train uses this path when a recipe sets `train.packing` and the model has the Llama layout: its
+Trainer collates each micro-batch into an `ExampleBatch`, and `PackedCausalLM.backward_examples` packs it into
+token-budget rows and runs forward and backward. Semantics match the padded path: the same model and LoRA
+adapters, loss on answer tokens only, averaged over every answer token of the optimizer step.
 
 Importing this module needs only torch; bitsandbytes and liger-kernel are used when present.
 """
@@ -17,12 +15,15 @@ import logging
 import math
 import random
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from engine.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +176,35 @@ def pack_examples(
     return batch.to(device) if device is not None else batch
 
 
-class PackedCollator:
-    """A Trainer collator for the packed path: samples stay lists (the runner packs them), plus `shift_labels`
-    so that the Trainer's answer-token count (num_items_in_batch) is the packed loss's."""
+@dataclasses.dataclass(frozen=True)
+class ExampleBatch:
+    """One micro-batch of (input_ids, labels) samples, kept as lists until the runner packs them.
 
-    def __call__(self, features: Sequence[dict[str, Sequence[int]]]) -> dict[str, Any]:
-        examples = [(list(f["input_ids"]), list(f["labels"])) for f in features]
-        targets = [label for _, labels in examples for label in labels[1:] if label != IGNORE_INDEX]
-        return {"packed_examples": examples, "shift_labels": torch.tensor(targets, dtype=torch.long)}
+    A plain object rather than a list or tensor, so data loaders neither move it to a device nor walk it
+    element by element.
+    """
+
+    examples: list[tuple[list[int], list[int]]]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the batch (no padding exists on this path)."""
+        return sum(len(ids) for ids, _ in self.examples)
+
+    @property
+    def num_targets(self) -> int:
+        """Answer tokens that carry loss: labels after the first position that are not IGNORE_INDEX."""
+        return sum(1 for _, labels in self.examples for label in labels[1:] if label != IGNORE_INDEX)
+
+
+EXAMPLES_KEY = "examples"
+
+
+class PackedCollator:
+    """A Trainer collator for the packed path: `{EXAMPLES_KEY: ExampleBatch}`; the runner packs the samples."""
+
+    def __call__(self, features: Sequence[dict[str, Sequence[int]]]) -> dict[str, ExampleBatch]:
+        return {EXAMPLES_KEY: ExampleBatch([(list(f["input_ids"]), list(f["labels"])) for f in features])}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -797,6 +819,17 @@ class StepStats:
     num_targets: int
 
 
+def output_weight(head: nn.Module) -> torch.Tensor:
+    """The output layer's effective weight: a plain lm_head's, or with peft's trainable token rows swapped in."""
+    adapter = getattr(head, "token_adapter", None)
+    if adapter is None:
+        return head.weight
+    active = list(adapter.active_adapters)
+    if adapter.disable_adapters or adapter.merged or not active:
+        return adapter.base_layer.weight
+    return adapter.get_merged_weights(active)
+
+
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why the packed path cannot run this model, or None when it can."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -814,6 +847,11 @@ def unsupported_reason(model: nn.Module) -> str | None:
     decoder = getattr(base, "model", None)
     if decoder is None or not hasattr(decoder, "layers") or not hasattr(base, "lm_head"):
         return "the model has no decoder layers / lm_head where a causal LM keeps them"
+    head = base.lm_head
+    if hasattr(head, "lora_A") or hasattr(head, "modules_to_save"):
+        return "the output layer (lm_head) carries a LoRA adapter or is trained in full"
+    if getattr(head, "token_adapter", None) is None and not isinstance(head, nn.Linear):
+        return f"the output layer is a {type(head).__name__}, not a linear layer"
     for layer in decoder.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         needed = [
@@ -840,8 +878,9 @@ class PackedCausalLM:
         self.config = base.config
         self.decoder = base.model
         self.lm_head = base.lm_head
-        self.device = self.lm_head.weight.device
-        self.dtype = self.decoder.embed_tokens.weight.dtype
+        # The final norm is never wrapped by an adapter, unlike the embeddings and lm_head (trainable tokens).
+        self.device = self.decoder.norm.weight.device
+        self.dtype = self.decoder.norm.weight.dtype
         if self.dtype not in (torch.float16, torch.bfloat16):
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.kernels = _Kernels(self.options.use_liger, self.device, self.options.liger_norm)
@@ -931,9 +970,9 @@ class PackedCausalLM:
         keep = self.options.uncheckpointed_layers if self.options.gradient_checkpointing else len(layers)
         recompute_below = len(layers) - max(0, keep)
         use_checkpoint = torch.is_grad_enabled() and self.model.training
-        if use_checkpoint:
+        if use_checkpoint and not hidden.requires_grad:
             # The checkpoint function needs an input that requires grad for backward to reach layer 0's
-            # adapters.
+            # adapters; embeddings with trainable rows already provide one (detaching would freeze those rows).
             hidden = hidden.detach().requires_grad_(True)
         stored: list[_StoredTensor] = []
         for index, layer in enumerate(layers):
@@ -954,7 +993,8 @@ class PackedCausalLM:
             if batch.num_targets == 0:
                 return hidden.sum() * 0.0
             selected = hidden.index_select(0, batch.target_positions)
-            return self.kernels.loss_sum(selected, self.lm_head.weight.to(self.dtype), batch.targets).float()
+            weight = output_weight(self.lm_head).to(self.dtype)
+            return self.kernels.loss_sum(selected, weight, batch.targets).float()
 
     # -- optimisation ----------------------------------------------------------------------------------------
 
@@ -982,7 +1022,9 @@ class PackedCausalLM:
         local = sum(b.num_targets for b in batches)
         normalizer = num_items if num_items is not None else local
         if isinstance(normalizer, torch.Tensor):
-            normalizer = normalizer.to(self.device, torch.float32)
+            normalizer = normalizer.to(self.device, torch.float32).clamp_min(1)
+        else:
+            normalizer = max(1, normalizer)
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         for batch in batches:
             loss = self.loss_sum(batch)
@@ -1082,27 +1124,12 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 6
             bucket, size = [], 0
 
 
-def options_from_recipe(recipe: Any) -> FastOptions:
-    """Packed-path options implied by a recipe (gradient checkpointing; token budget when the recipe names
-    one)."""
+def options_from_recipe(recipe: Recipe) -> FastOptions:
+    """Packed-path options of a recipe: its token budget (0 = the default, or one whole longest sample) and
+    its gradient checkpointing."""
     train = recipe.train
-    max_tokens = int(getattr(train, "max_tokens_per_batch", 0) or 0)
+    automatic = max(DEFAULT_MAX_TOKENS, recipe.data.max_length)
     return FastOptions(
-        max_tokens=max_tokens if max_tokens > 0 else max(DEFAULT_MAX_TOKENS, int(recipe.data.max_length)),
-        gradient_checkpointing=bool(train.gradient_checkpointing),
+        max_tokens=train.max_tokens_per_batch if train.max_tokens_per_batch > 0 else automatic,
+        gradient_checkpointing=train.gradient_checkpointing,
     )
-
-
-def apply_gpu_speedups(
-    model: nn.Module, recipe: Any, options: FastOptions | None = None
-) -> PackedCausalLM | None:
-    """A packed-path runner for `model` on CUDA, or None (with the reason logged) where the plain path must
-    run."""
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        return None
-    reason = unsupported_reason(model)
-    if reason is not None:
-        log.info("packed training path off: %s", reason)
-        return None
-    return PackedCausalLM(model, options or options_from_recipe(recipe))

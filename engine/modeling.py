@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from engine.distributed import shards_model
 from engine.errors import EngineError, ModelError, OutOfMemoryError
 from engine.template import DEFAULT_CHAT_TEMPLATE, IM_END, IM_START, PromptRenderer
 from engine.workspace import Workspace, latest_checkpoint
@@ -351,9 +350,16 @@ def _lora_config(recipe: Recipe, model: Any, added_ids: list[int]) -> Any:
     )
 
 
-def load_model(model_path: str | Path, recipe: Recipe, tokenizer: Any, *, device: str = "auto") -> Any:
+def load_model(
+    model_path: str | Path, recipe: Recipe, tokenizer: Any, *, device: str = "auto", packed: bool = False
+) -> Any:
     """The model to train for `recipe.train.method`: a peft LoRA model over a 16/32-bit base (lora), over a
-    4-bit NF4 base (qlora), or the plain model (full)."""
+    4-bit NF4 base (qlora), or the plain model (full).
+
+    `packed`: training will go through engine.fast where it supports the model, which computes norms and the
+    loss in float32 itself and checkpoints its own layers, so a 4-bit base keeps its other weights in their
+    16-bit dtype rather than being upcast for the padded path (half a GiB less on a 7B).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -362,8 +368,6 @@ def load_model(model_path: str | Path, recipe: Recipe, tokenizer: Any, *, device
     device = resolve_device(device)
     method = recipe.train.method
     dtype = torch_dtype(recipe.model.dtype, device)
-    # Under FSDP the model stays off the GPU here: FSDP shards it across the GPUs (it may not fit on one).
-    sharded = shards_model()
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "use_safetensors": True,
@@ -378,24 +382,16 @@ def load_model(model_path: str | Path, recipe: Recipe, tokenizer: Any, *, device
         )
         if device == "cpu":
             kwargs["dtype"] = torch.float32
-        if sharded:
-            # FSDP flattens each layer's weights into one tensor of one dtype, so the packed 4-bit weights are
-            # stored in the compute dtype instead of uint8 and every other weight loads in that dtype too.
-            kwargs["dtype"] = compute
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=recipe.quant.quant_type,
             bnb_4bit_use_double_quant=recipe.quant.double_quant,
             bnb_4bit_compute_dtype=compute,
-            bnb_4bit_quant_storage=compute if sharded else torch.uint8,
         )
-        if not sharded:
-            kwargs["device_map"] = (
-                {"": torch.device(device).index or 0} if device.startswith("cuda") else "cpu"
-            )
+        kwargs["device_map"] = {"": torch.device(device).index or 0} if device.startswith("cuda") else "cpu"
     with loading_errors("the base model", resolved):
         model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
-        if method != "qlora" and not sharded:
+        if method != "qlora":
             model.to(device)
     _fit_embeddings(model, tokenizer)
     _sync_special_ids(model, tokenizer)
@@ -404,8 +400,12 @@ def load_model(model_path: str | Path, recipe: Recipe, tokenizer: Any, *, device
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    # Upcasting the norms to float32 would mix dtypes inside the flat tensors FSDP shards.
-    if method == "qlora" and not sharded:
+    keep_base_dtype = False
+    if packed:
+        from engine.fast import unsupported_reason
+
+        keep_base_dtype = unsupported_reason(model) is None
+    if method == "qlora" and not keep_base_dtype:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe.train.gradient_checkpointing,
@@ -413,7 +413,14 @@ def load_model(model_path: str | Path, recipe: Recipe, tokenizer: Any, *, device
         )
     added_ids = list(getattr(tokenizer, ADDED_TOKEN_IDS_ATTR, []) or [])
     with loading_errors("the LoRA adapter", resolved):
-        return get_peft_model(model, _lora_config(recipe, model, added_ids))
+        model = get_peft_model(model, _lora_config(recipe, model, added_ids))
+    if keep_base_dtype:
+        # Trainable tensors (LoRA weights, new token rows) live in float32 as on the padded path, so the
+        # optimizer updates full-precision values and they share one flat buffer.
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------

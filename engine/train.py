@@ -12,6 +12,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -25,7 +26,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from engine import distributed
 from engine.atomic import atomic_write_text, disk_full_error, is_disk_full, is_partial, tree_bytes
 from engine.errors import DatasetError, EngineError, TrainingError
 from engine.events import (
@@ -62,7 +62,6 @@ from engine.workspace import (
 log = logging.getLogger("engine.train")
 
 FAULT_ENV = "TUNEDECK_FAULT"  # see Fault
-FAULT_RANK_ENV = "TUNEDECK_FAULT_RANK"  # when set, the fault strikes only the rank it names
 # HF's Trainer writes checkpoint-<n>/ inside this temp folder; it is renamed to step_<n> when complete.
 STAGING_NAME = ".staging.partial-"
 ETA_WINDOW = 20  # steps in the moving average behind the ETA
@@ -76,11 +75,9 @@ class StopRequested(Exception):
 class StopSignal:
     """Turns SIGTERM/SIGINT into a polite stop: an exception before training, a flag the loop checks in it."""
 
-    def __init__(self, *, immediate: bool = True) -> None:
+    def __init__(self) -> None:
         self.requested = False
         self.training = False
-        # Ranks of a distributed run must stop after the same step, so there a stop is only ever a flag.
-        self.immediate = immediate
 
     def install(self) -> None:
         """Handle SIGTERM and SIGINT in this (main) thread."""
@@ -92,7 +89,7 @@ class StopSignal:
         self.requested = True
         if first:
             log.warning("received %s: saving a checkpoint and stopping", signal.Signals(signum).name)
-        if self.immediate and not self.training:
+        if not self.training:
             raise StopRequested()
 
 
@@ -110,7 +107,7 @@ class Fault:
     @classmethod
     def from_env(cls) -> Fault | None:
         spec = os.environ.get(FAULT_ENV, "").strip()
-        if not spec or os.environ.get(FAULT_RANK_ENV, str(distributed.rank())) != str(distributed.rank()):
+        if not spec:
             return None
         kind, _, value = spec.partition(":")
         try:
@@ -305,6 +302,10 @@ class TrainingJob:
         self.global_step = 0
         self.last_eval_step = -1
         self.logits_window = False
+        # The packed-path runner (engine.fast.PackedCausalLM) when training goes through packs, else None.
+        self.runner: Any = None
+        # A fixed order of training examples instead of the Trainer's sampler (to compare paths step by step).
+        self.sample_order: list[int] | None = None
         self.max_steps = 0
         self.tokens_since_log = 0
         self.last_log_time = time.monotonic()
@@ -331,7 +332,7 @@ class TrainingJob:
                 next_step="Put it back, or start a new run with data.dataset set.",
             )
         current = dataset_info(Path(recorded.path))
-        if current != recorded and not self.resume and distributed.is_main_process():
+        if current != recorded and not self.resume:
             # The file changed between launch and start: record what this run really trains on.
             meta["dataset"] = dataclasses.asdict(current)
             atomic_write_text(self.run_dir / RUN_META_FILE, json.dumps(meta, indent=2) + "\n")
@@ -352,18 +353,8 @@ class TrainingJob:
         recipe = load_recipe(self.run_dir / RUN_RECIPE_FILE)
         self.recipe = recipe
         workspace = self._workspace(meta)
-        # Rank 0 alone writes (partial checkpoints removed, run.json, the demo model); the others then read.
-        with distributed.main_process_first():
-            model_path, pairs, dataset = self._prepare(meta, recipe, workspace)
-        return self._train(recipe, model_path, pairs, dataset)
-
-    def _prepare(
-        self, meta: dict[str, Any], recipe: Recipe, workspace: Workspace
-    ) -> tuple[str, list[Any], DatasetInfo]:
-        """Check the checkpoints, the dataset and the base model; returns the model path, pairs and dataset."""
-        writes = distributed.is_main_process()
         if self.resume:
-            removed = clean_partial_checkpoints(self.run_dir) if writes else []
+            removed = clean_partial_checkpoints(self.run_dir)
             if removed:
                 log.info("removed partial checkpoint folders: %s", ", ".join(removed))
             self.resume_checkpoint = check_resumable(self.run_dir, check_running=False)
@@ -378,7 +369,8 @@ class TrainingJob:
 
         pairs = load_pairs(Path(dataset.path))
         self._progress(1, 4, "finding the base model")
-        return self._base_model(workspace, recipe), pairs, dataset
+        model_path = self._base_model(workspace, recipe)
+        return self._train(recipe, model_path, pairs, dataset)
 
     def _train(self, recipe: Recipe, model_path: str, pairs: list[Any], dataset: DatasetInfo) -> str:
         if recipe.train.method == "full" and recipe.model.dtype == "float16":
@@ -388,13 +380,12 @@ class TrainingJob:
             )
         self._progress(2, 4, f"loading {Path(model_path).name} for {recipe.train.method}")
         import transformers
-        from transformers import PrinterCallback, TrainingArguments
 
         from engine.modeling import load_model, load_tokenizer, renderer_for, resolve_device
 
         transformers.utils.logging.disable_progress_bar()
         transformers.set_seed(recipe.train.seed)
-        self.device = distributed.process_device(resolve_device(recipe.train.device))
+        self.device = resolve_device(recipe.train.device)
         tokenizer = load_tokenizer(
             model_path,
             chat_template=recipe.model.chat_template,
@@ -402,15 +393,71 @@ class TrainingJob:
         )
         examples = encode_examples(renderer_for(tokenizer, recipe.data.system_prompt), pairs, recipe)
         self._report_cuts(examples, len(pairs), recipe.data.max_length)
-        model = load_model(model_path, recipe, tokenizer, device=self.device)
+        packing = self._packing_wanted(recipe)
+        model = load_model(model_path, recipe, tokenizer, device=self.device, packed=packing)
+        info = {
+            "recipe": recipe.name,
+            "method": recipe.train.method,
+            "base_model": model_path,
+            "dataset": dataset.name,
+            "num_train": len(examples.train),
+            "num_eval": len(examples.eval),
+        }
+        return self.fit(recipe, model, tokenizer, examples, info, packing=packing)
+
+    def _packing_wanted(self, recipe: Recipe) -> bool:
+        """True when the recipe asks for packed batches and nothing about it or the device rules them out."""
+        if not recipe.train.packing:
+            return False
+        blocker = None
+        if recipe.train.method == "full":
+            blocker = "full fine-tuning trains every weight, and the packed path trains adapters"
+        elif self.device.startswith("cuda") and not _mixed_precision(recipe, self.device)["bf16"]:
+            blocker = "it computes in bfloat16, which this GPU or model.dtype=float32 rules out"
+        if blocker:
+            self._info(f"Training on padded batches, not packs: {blocker}.")
+        return blocker is None
+
+    def _packed_runner(self, model: Any, recipe: Recipe) -> Any:
+        """The packed-path runner for `model`, or None (saying why) when the model needs the padded path."""
+        from engine import fast
+
+        reason = fast.unsupported_reason(model)
+        if reason is not None:
+            self._info(f"Training on padded batches, not packs: {reason}.")
+            return None
+        runner = fast.PackedCausalLM(model, fast.options_from_recipe(recipe))
+        self._info(f"Training on packs of up to {runner.options.max_tokens} tokens (padding-free).")
+        return runner
+
+    def fit(
+        self,
+        recipe: Recipe,
+        model: Any,
+        tokenizer: Any,
+        examples: Examples,
+        info: dict[str, Any],
+        *,
+        packing: bool = False,
+        callbacks: list[Any] | None = None,
+    ) -> str:
+        """Train `model` on tokenized examples with events and atomic checkpoints; returns the final status.
+
+        `packing` trains through engine.fast where the model allows it; `callbacks` are extra Trainer callbacks.
+        """
+        from transformers import PrinterCallback, TrainingArguments
+
+        self.recipe = recipe
         self.logits_window = accepts_logits_to_keep(model)
+        self.runner = self._packed_runner(model, recipe) if packing else None
         self._progress(3, 4, "starting the training loop")
         on_gpu = self.device.startswith("cuda")
         # Every rank writes its part of a checkpoint (e.g. its RNG state) into the same staging folder.
-        staging = self.run_dir / CHECKPOINTS_DIR / f"{STAGING_NAME}{distributed.launcher_pid()}"
+        staging = self.run_dir / CHECKPOINTS_DIR / f"{STAGING_NAME}{os.getpid()}"
         has_eval = bool(examples.eval)
         args = TrainingArguments(
-            **_version_dependent_arguments(TrainingArguments, recipe),
+            # The packed path checkpoints its own layers; the Trainer's switch would wrap the HF forward only.
+            **_version_dependent_arguments(TrainingArguments, recipe, checkpointing=self.runner is None),
             **_mixed_precision(recipe, self.device),
             output_dir=str(staging),
             per_device_train_batch_size=recipe.train.batch_size,
@@ -439,33 +486,29 @@ class TrainingJob:
             # Evaluation needs only the loss; gathering all positions' logits is how eval runs out of memory.
             prediction_loss_only=True,
             dataloader_num_workers=0,
-            # Every trainable tensor takes part in each step, so DDP need not search the graph for unused ones.
-            ddp_find_unused_parameters=False,
             save_total_limit=None,
         )
         trainer_class, callback_class = _trainer_parts()
-        info = {
-            "recipe": recipe.name,
-            "method": recipe.train.method,
-            "base_model": model_path,
-            "dataset": dataset.name,
-            "num_train": len(examples.train),
-            "num_eval": len(examples.eval),
-        }
+        if self.runner is not None:
+            from engine.fast import PackedCollator
+
+            collator: Any = PackedCollator()
+        else:
+            # Multiples of 8 suit GPU tensor cores; on a CPU every padded position is wasted work.
+            collator = PadCollator(tokenizer.pad_token_id, 8 if on_gpu else None)
         trainer = trainer_class(
             job=self,
             model=model,
             args=args,
             train_dataset=examples.train,
             eval_dataset=examples.eval or None,
-            # Multiples of 8 suit GPU tensor cores; on a CPU every padded position is wasted work.
-            data_collator=PadCollator(tokenizer.pad_token_id, 8 if on_gpu else None),
+            data_collator=collator,
             processing_class=tokenizer,
-            callbacks=[callback_class(self, info)],
+            callbacks=[callback_class(self, info), *(callbacks or [])],
         )
         trainer.remove_callback(PrinterCallback)
         self.stop.training = True
-        if distributed.any_rank(self.stop.requested):
+        if self.stop.requested:
             raise StopRequested()
         trainer.train(resume_from_checkpoint=str(self.resume_checkpoint) if self.resume_checkpoint else None)
         stopped = self.stop.requested and self.global_step < self.max_steps
@@ -502,10 +545,20 @@ class TrainingJob:
         log.warning("%s", message)
         self.writer.emit(Log(message=message, level="warning"))
 
+    def _info(self, message: str) -> None:
+        log.info("%s", message)
+        self.writer.emit(Log(message=message, level="info"))
+
     # -- hooks called from the Trainer ----------------------------------------------------------------------
 
     def count_tokens(self, inputs: dict[str, Any]) -> None:
         """Count the non-pad tokens of a micro-batch (for trained tokens per second)."""
+        from engine.fast import EXAMPLES_KEY
+
+        batch = inputs.get(EXAMPLES_KEY)
+        if batch is not None:
+            self.tokens_since_log += batch.num_tokens
+            return
         mask = inputs.get("attention_mask")
         if mask is not None:
             self.tokens_since_log += int(mask.sum())
@@ -525,14 +578,10 @@ class TrainingJob:
         staging = Path(save.output_dir)
         try:
             save()
-            # Every rank's files are in the staging folder before rank 0 alone renames it into place.
-            distributed.barrier()
-            if distributed.is_main_process():
-                written = staging / f"checkpoint-{step}"
-                _fsync_tree(written)
-                os.replace(written, final)
-                _fsync_dir(final.parent)
-            distributed.barrier()
+            written = staging / f"checkpoint-{step}"
+            _fsync_tree(written)
+            os.replace(written, final)
+            _fsync_dir(final.parent)
         except Exception as exc:
             # Judged before the partial folder is removed: its space would hide a disk that was full.
             full = is_disk_full(exc, final.parent)
@@ -555,9 +604,7 @@ class TrainingJob:
 
         now = time.monotonic()
         elapsed_window = max(now - self.last_log_time, 1e-6)
-        # Every rank counts its own micro-batches: the job's throughput is their sum.
-        tokens = distributed.total(self.tokens_since_log)
-        tokens_per_s = tokens / elapsed_window
+        tokens_per_s = self.tokens_since_log / elapsed_window
         self.tokens_since_log, self.last_log_time = 0, now
         remaining = max(state.max_steps - state.global_step, 0)
         eta = sum(self.step_seconds) / len(self.step_seconds) * remaining if self.step_seconds else None
@@ -572,7 +619,6 @@ class TrainingJob:
                 learning_rate=_number(logs.get("learning_rate")),
                 grad_norm=_number(logs.get("grad_norm")),
                 tokens_per_s=round(tokens_per_s, 1),
-                tokens=tokens,
                 gpu_mem_gib=round(gpu, 3) if gpu is not None else None,
                 eta_s=round(eta, 1) if eta is not None else None,
                 elapsed_s=round(now - self.started, 2),
@@ -595,17 +641,20 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _version_dependent_arguments(arguments_class: type, recipe: Recipe) -> dict[str, Any]:
-    """Checkpointing and length-grouping options under the names this transformers version uses."""
+def _version_dependent_arguments(
+    arguments_class: type, recipe: Recipe, *, checkpointing: bool = True
+) -> dict[str, Any]:
+    """Checkpointing and length-grouping options under the names this transformers version uses.
+
+    `checkpointing=False` leaves the Trainer's activation checkpointing off whatever the recipe says.
+    """
     fields = {field.name for field in dataclasses.fields(arguments_class)}
-    checkpointing = (
-        "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    )
-    enabled = recipe.train.gradient_checkpointing
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    enabled = checkpointing and recipe.train.gradient_checkpointing
     # Non-reentrant checkpointing needs no input gradients, which frozen (LoRA) embeddings would not provide.
     options: dict[str, Any] = {
-        checkpointing: enabled,
-        f"{checkpointing}_kwargs": {"use_reentrant": False} if enabled else None,
+        name: enabled,
+        f"{name}_kwargs": {"use_reentrant": False} if enabled else None,
     }
     if "train_sampling_strategy" in fields:
         options["train_sampling_strategy"] = "group_by_length" if recipe.train.group_by_length else "random"
@@ -650,12 +699,45 @@ def _trainer_parts() -> tuple[type, type]:
     """The Trainer subclass and the event callback, built lazily so transformers loads only to train."""
     from transformers import Trainer, TrainerCallback
 
+    from engine.fast import EXAMPLES_KEY
+
     class TunedeckTrainer(Trainer):
-        """Counts tokens, injects test faults and saves checkpoints atomically as step_<n>."""
+        """Counts tokens, injects test faults and saves checkpoints atomically as step_<n>; on the packed path,
+        hands each micro-batch to the job's runner and optimizes its one flat adapter tensor."""
 
         def __init__(self, *args: Any, job: TrainingJob, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.job = job
+
+        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+            if self.job.sample_order is not None:
+                return list(self.job.sample_order)
+            return super()._get_train_sampler(*args, **kwargs)
+
+        def create_optimizer(self, model: Any = None) -> Any:
+            runner = self.job.runner
+            if runner is None or self.optimizer is not None:
+                return super().create_optimizer(model)
+            optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(
+                self.args, model if model is not None else self.model
+            )
+            # Every adapter tensor is a view into one flat buffer: bitsandbytes' paged optimizers synchronise
+            # the GPU after each tensor they update, so one tensor instead of hundreds saves that many syncs.
+            groups = [{"params": runner.optimizer_parameters(), "weight_decay": self.args.weight_decay}]
+            self.optimizer = optimizer_class(groups, **optimizer_kwargs)
+            return self.optimizer
+
+        def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+            if self.job.runner is None:
+                return super().get_batch_samples(epoch_iterator, num_batches, device)
+            batches = list(itertools.islice(epoch_iterator, num_batches))
+            # The step's answer tokens: the packed loss of every micro-batch is divided by this count.
+            count = sum(batch[EXAMPLES_KEY].num_targets for batch in batches)
+            if self.args.world_size > 1:
+                import torch
+
+                return batches, self.accelerator.gather(torch.tensor([count], device=device)).sum()
+            return batches, count
 
         def compute_loss(
             self,
@@ -671,7 +753,19 @@ def _trainer_parts() -> tuple[type, type]:
         def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
             self.job.count_tokens(inputs)
             self.job.before_step(self.state.global_step + 1)
-            return super().training_step(model, inputs, num_items_in_batch)
+            runner = self.job.runner
+            if runner is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            model.train()
+            return runner.backward_examples(inputs[EXAMPLES_KEY].examples, num_items_in_batch)
+
+        def prediction_step(
+            self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
+        ) -> tuple[Any, None, None]:
+            runner = self.job.runner
+            if runner is None:
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            return runner.eval_loss(inputs[EXAMPLES_KEY].examples).detach(), None, None
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             parent_save = super()._save_checkpoint
@@ -694,8 +788,8 @@ def _trainer_parts() -> tuple[type, type]:
                 RunStarted(
                     run_id=job.run_dir.name,
                     total_steps=state.max_steps,
-                    device=distributed.device_label(job.device),
-                    pid=distributed.launcher_pid(),
+                    device=job.device,
+                    pid=os.getpid(),
                     resumed_from_step=resumed,
                     **self.info,
                 )
@@ -708,7 +802,7 @@ def _trainer_parts() -> tuple[type, type]:
             job.mark_step_end()
             if state.global_step >= state.max_steps:
                 control.should_save = True  # the final checkpoint, whatever save_steps says
-            if distributed.any_rank(job.stop.requested):
+            if job.stop.requested:
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -776,20 +870,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_dir = args.run_dir.expanduser().resolve()
     stream = claim_stdout()
-    # Of a distributed run's ranks only rank 0 reports; the launcher's pid stays in the pid file.
-    reports = distributed.is_main_process()
-    writer = EventWriter(stream, run_dir / RUN_EVENTS_FILE) if reports else EventWriter()
+    writer = EventWriter(stream, run_dir / RUN_EVENTS_FILE)
     log_path = run_dir / RUN_LOG_FILE
     _setup_logging(log_path)
-    distributed.label_logging()
-    stop = StopSignal(immediate=not distributed.is_distributed())
+    stop = StopSignal()
     stop.install()
-    if not distributed.is_distributed():
-        atomic_write_text(run_dir / RUN_PID_FILE, f"{os.getpid()}\n")
+    atomic_write_text(run_dir / RUN_PID_FILE, f"{os.getpid()}\n")
     log.info("training %s (resume=%s, pid %d)", run_dir.name, args.resume, os.getpid())
     job = TrainingJob(run_dir, writer, stop, resume=args.resume)
     try:
-        distributed.join()
         job.run()
         return 0
     except StopRequested:
@@ -810,15 +899,11 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s: %s", error.title, error)
         else:
             log.exception("training failed")
-        if not distributed.report_failure(error):  # the launcher reports the first failure of any rank
-            writer.emit(
-                RunFailed(
-                    title=error.title,
-                    cause=error.message,
-                    next_step=error.next_step,
-                    details_path=str(log_path),
-                )
+        writer.emit(
+            RunFailed(
+                title=error.title, cause=error.message, next_step=error.next_step, details_path=str(log_path)
             )
+        )
         return 3 if isinstance(exc, KeyboardInterrupt) else 1
     finally:
         writer.close()

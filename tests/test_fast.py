@@ -167,18 +167,75 @@ def test_train_step_with_flat_parameters_equals_per_tensor_step():
     assert results[1][0][-1] < results[1][0][0]
 
 
-def test_apply_gpu_speedups_declines_cpu_models():
-    model = _tiny_lora_model()
+def test_options_from_recipe_take_the_token_budget_or_an_automatic_one():
+    from engine.recipes import Recipe
 
-    class Recipe:
-        class train:
-            gradient_checkpointing = True
+    recipe = Recipe()
+    recipe.train.gradient_checkpointing = True
+    recipe.data.max_length = 512
+    automatic = fast.options_from_recipe(recipe)
+    assert automatic.max_tokens == fast.DEFAULT_MAX_TOKENS and automatic.gradient_checkpointing
+    recipe.data.max_length = 8192  # a whole longest sample always fits one pack
+    assert fast.options_from_recipe(recipe).max_tokens == 8192
+    recipe.train.max_tokens_per_batch = 1536
+    assert fast.options_from_recipe(recipe).max_tokens == 1536
 
-        class data:
-            max_length = 512
 
-    assert fast.apply_gpu_speedups(model, Recipe()) is None
-    assert fast.unsupported_reason(model) is None
+def test_unsupported_reason_names_an_adapted_output_layer():
+    assert fast.unsupported_reason(_tiny_lora_model()) is None
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    assert "lm_head" in fast.unsupported_reason(model)
+
+
+def test_trainable_token_rows_get_the_same_loss_and_gradients_as_peft():
+    """New chat tokens train through peft's trainable-token rows in the embeddings and the untied lm_head."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def build():
+        torch.manual_seed(6)
+        config = LlamaConfig(
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            tie_word_embeddings=False,
+            attn_implementation="eager",
+        )
+        lora = LoraConfig(
+            r=4,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            trainable_token_indices={"embed_tokens": [5, 9], "lm_head": [5, 9]},
+        )
+        model = get_peft_model(LlamaForCausalLM(config), lora)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name or "trainable_tokens_delta" in name:
+                    param.normal_(std=0.2)
+        return model.train()
+
+    examples = [
+        ([*ids[:3], 5, 9, *ids[3:]], [*labels[:3], 5, 9, *labels[3:]]) for ids, labels in _examples(4)
+    ]
+    reference = build()
+    _reference_loss(reference, examples).backward()
+    expected = {n: p.grad.clone() for n, p in reference.named_parameters() if p.requires_grad}
+    assert any("trainable_tokens_delta" in name for name in expected)
+
+    model = build()
+    runner = fast.PackedCausalLM(model, fast.FastOptions())
+    batch = fast.pack_examples(examples)
+    (runner.loss_sum(batch) / batch.num_targets).backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(param.grad, expected[name], rtol=1e-4, atol=1e-6), name
 
 
 def test_trainer_style_steps_survive_model_zero_grad():
@@ -190,11 +247,12 @@ def test_trainer_style_steps_survive_model_zero_grad():
     model = _tiny_lora_model(seed=5)
     runner = fast.PackedCausalLM(model, fast.FastOptions(max_tokens=32))
     features = [{"input_ids": ids, "labels": labels} for ids, labels in examples]
-    collated = fast.PackedCollator()(features)
-    assert len(collated["shift_labels"]) == sum(1 for _, labels in examples for x in labels[1:] if x != -100)
+    batch = fast.PackedCollator()(features)[fast.EXAMPLES_KEY]
+    assert batch.num_targets == sum(1 for _, labels in examples for x in labels[1:] if x != -100)
+    assert batch.num_tokens == sum(len(ids) for ids, _ in examples)
     for _ in range(2):  # the second round must not add onto the first round's gradients
         model.zero_grad()  # what transformers' Trainer does after each optimizer step
-        runner.backward_examples(collated["packed_examples"], num_items=len(collated["shift_labels"]))
+        runner.backward_examples(batch.examples, num_items=batch.num_targets)
     for name, param in model.named_parameters():
         if param.requires_grad:
             assert torch.allclose(param.grad, expected[name], rtol=1e-4, atol=1e-6), name

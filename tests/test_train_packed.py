@@ -1,0 +1,119 @@
+"""The trainer's packed path (`train.packing`) through the real `python -m engine.train` subprocess, on CPU.
+
+The packed path runs on any device; on a CPU it computes in float32 like the padded path, so the two must train
+the same adapter step for step.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from engine.events import Eval, Event, Log, RunFailed, RunFinished, RunStarted, Step, read_events
+from engine.launch import _child_env, prepare_run, train_command
+from engine.workspace import Workspace, latest_checkpoint
+
+torch = pytest.importorskip("torch")
+
+ATTENTION_AND_MLP = '["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]'
+# Six Q/A rows: two held out for eval, two micro-batches of two per step (accumulation across packs).
+COMMON = [
+    "train.max_steps=4",
+    "train.batch_size=2",
+    "train.grad_accum=2",
+    "train.save_steps=2",
+    "train.eval_steps=2",
+    "data.eval_fraction=0.3",
+    f"lora.target_modules={ATTENTION_AND_MLP}",
+    "train.max_tokens_per_batch=24",  # below two samples' length: a micro-batch becomes several packs
+]
+
+
+def _train(workspace: Workspace, overrides: list[str], env: dict[str, str] | None = None) -> Path:
+    run_dir = prepare_run(workspace, workspace.root / "recipes" / "tiny.toml", overrides)
+    _run(run_dir, env=env)
+    return run_dir
+
+
+def _run(run_dir: Path, *, resume: bool = False, env: dict[str, str] | None = None) -> None:
+    subprocess.run(
+        train_command(run_dir, resume=resume),
+        capture_output=True,
+        text=True,
+        env={**_child_env(run_dir), **(env or {})},
+        timeout=240,
+        cwd=run_dir,
+        check=False,
+    )
+
+
+def _of(events: list[Event], kind: type) -> list:
+    return [event for event in events if isinstance(event, kind)]
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(latest_checkpoint(run_dir) / "adapter_model.safetensors"))
+
+
+def test_packed_and_padded_training_agree_step_for_step(tiny_workspace: Workspace) -> None:
+    padded = _train(tiny_workspace, [*COMMON, "train.packing=false"])
+    packed = _train(tiny_workspace, [*COMMON, "train.packing=true"])
+    padded_events, packed_events = read_events(padded / "events.jsonl"), read_events(packed / "events.jsonl")
+    assert isinstance(padded_events[-1], RunFinished) and padded_events[-1].status == "finished"
+    assert isinstance(packed_events[-1], RunFinished) and packed_events[-1].status == "finished"
+    assert any("Training on packs of up to 24 tokens" in e.message for e in _of(packed_events, Log))
+    assert not any("packs" in e.message for e in _of(padded_events, Log))
+
+    padded_steps, packed_steps = _of(padded_events, Step), _of(packed_events, Step)
+    assert [s.step for s in packed_steps] == [1, 2, 3, 4]
+    for a, b in zip(padded_steps, packed_steps, strict=True):
+        assert b.loss == pytest.approx(a.loss, rel=1e-4), (a, b)
+        assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-3), (a, b)
+        assert b.learning_rate == a.learning_rate
+        assert b.tokens_per_s and b.tokens_per_s > 0
+    assert packed_steps[-1].loss < packed_steps[0].loss
+    padded_evals, packed_evals = _of(padded_events, Eval), _of(packed_events, Eval)
+    assert [e.step for e in packed_evals] == [e.step for e in padded_evals] == [2, 4]
+    for a, b in zip(padded_evals, packed_evals, strict=True):
+        assert b.eval_loss == pytest.approx(a.eval_loss, rel=1e-4)
+
+    expected, got = _adapter(padded), _adapter(packed)
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.allclose(got[name], tensor, rtol=1e-3, atol=1e-5), name
+
+
+def test_packed_run_resumes_after_a_crash_as_if_uninterrupted(tiny_workspace: Workspace) -> None:
+    whole = _train(tiny_workspace, [*COMMON, "train.packing=true"])
+    crashed = _train(
+        tiny_workspace, [*COMMON, "train.packing=true"], env={"TUNEDECK_FAULT": "crash_at_step:4"}
+    )
+    events = read_events(crashed / "events.jsonl")
+    assert isinstance(events[-1], RunFailed) and latest_checkpoint(crashed).name == "step_2"
+
+    _run(crashed, resume=True)
+    events = read_events(crashed / "events.jsonl")
+    starts = _of(events, RunStarted)
+    assert [start.resumed_from_step for start in starts] == [None, 2]
+    resumed = _of(events[events.index(starts[1]) :], Step)
+    uninterrupted = {s.step: s.loss for s in _of(read_events(whole / "events.jsonl"), Step)}
+    assert [s.step for s in resumed] == [3, 4]
+    for step in resumed:
+        assert step.loss == pytest.approx(uninterrupted[step.step], rel=1e-5)
+    expected, got = _adapter(whole), _adapter(crashed)
+    for name, tensor in expected.items():
+        assert torch.allclose(got[name], tensor, rtol=1e-5, atol=1e-7), name
+
+
+def test_a_model_the_packed_path_cannot_run_trains_padded_and_says_why(tiny_workspace: Workspace) -> None:
+    # The tiny recipe adapts lm_head with LoRA, which the packed path does not do.
+    run_dir = _train(tiny_workspace, ["train.max_steps=2", "train.packing=true"])
+    events = read_events(run_dir / "events.jsonl")
+    assert isinstance(events[-1], RunFinished) and events[-1].status == "finished"
+    reasons = [e.message for e in _of(events, Log) if "padded batches, not packs" in e.message]
+    assert reasons and "lm_head" in reasons[0]
+    assert [s.step for s in _of(events, Step)] == [1, 2]
