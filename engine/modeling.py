@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from engine.distributed import shards_model
 from engine.errors import EngineError, ModelError, OutOfMemoryError
 from engine.template import DEFAULT_CHAT_TEMPLATE, IM_END, IM_START, PromptRenderer
 from engine.workspace import Workspace, latest_checkpoint
@@ -368,6 +369,8 @@ def load_model(
     device = resolve_device(device)
     method = recipe.train.method
     dtype = torch_dtype(recipe.model.dtype, device)
+    # Under FSDP the model stays off the GPU here: FSDP shards it across the GPUs (it may not fit on one).
+    sharded = shards_model()
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "use_safetensors": True,
@@ -382,16 +385,24 @@ def load_model(
         )
         if device == "cpu":
             kwargs["dtype"] = torch.float32
+        if sharded:
+            # FSDP flattens each layer's weights into one tensor of one dtype, so the packed 4-bit weights are
+            # stored in the compute dtype instead of uint8 and every other weight loads in that dtype too.
+            kwargs["dtype"] = compute
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=recipe.quant.quant_type,
             bnb_4bit_use_double_quant=recipe.quant.double_quant,
             bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=compute if sharded else torch.uint8,
         )
-        kwargs["device_map"] = {"": torch.device(device).index or 0} if device.startswith("cuda") else "cpu"
+        if not sharded:
+            kwargs["device_map"] = (
+                {"": torch.device(device).index or 0} if device.startswith("cuda") else "cpu"
+            )
     with loading_errors("the base model", resolved):
         model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
-        if method != "qlora":
+        if method != "qlora" and not sharded:
             model.to(device)
     _fit_embeddings(model, tokenizer)
     _sync_special_ids(model, tokenizer)
@@ -405,7 +416,8 @@ def load_model(
         from engine.fast import unsupported_reason
 
         keep_base_dtype = unsupported_reason(model) is None
-    if method == "qlora" and not keep_base_dtype:
+    # Upcasting the norms to float32 would mix dtypes inside the flat tensors FSDP shards.
+    if method == "qlora" and not keep_base_dtype and not sharded:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe.train.gradient_checkpointing,

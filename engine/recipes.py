@@ -29,6 +29,9 @@ OPTIMIZERS = (
     "sgd",
 )
 QUANT_TYPES = ("nf4", "fp4")
+# ddp copies the model to every GPU; fsdp shards it across them, for models too large for one card.
+STRATEGIES = ("ddp", "fsdp")
+ALL_GPUS = "all"
 
 
 @dataclasses.dataclass
@@ -82,6 +85,10 @@ class TrainSection:
     eval_steps: int = 0
     save_steps: int = 50
     device: str = "auto"
+    # GPUs to train on, one process each, through accelerate: a count or "all" (the visible ones). batch_size is
+    # per GPU, so a step trains gpus × batch_size × grad_accum samples. With device = "cpu", CPU processes.
+    gpus: int | str = 1
+    distributed: str = "ddp"
 
 
 @dataclasses.dataclass
@@ -140,6 +147,9 @@ class Recipe:
         """A hash of everything that changes what training computes (resume refuses when it differs)."""
         data = self.to_dict()
         data.pop("description", None)
+        for (section, key), default in UNHASHED_DEFAULTS.items():
+            if data[section].get(key) == default:
+                del data[section][key]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -159,7 +169,11 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "lr_scheduler"): SCHEDULERS,
     ("train", "optimizer"): OPTIMIZERS,
     ("quant", "quant_type"): QUANT_TYPES,
+    ("train", "distributed"): STRATEGIES,
 }
+# Fields hashed only when they differ from these defaults, so runs saved before the fields existed keep their
+# fingerprint and still resume.
+UNHASHED_DEFAULTS: dict[tuple[str, str], Any] = {("train", "gpus"): 1, ("train", "distributed"): "ddp"}
 POSITIVE_INTS = {
     ("data", "max_length"),
     ("train", "batch_size"),
@@ -272,6 +286,11 @@ def _check_ranges(where: str, recipe: Recipe) -> None:
         raise RecipeError(
             f"{where}: `data.dataset` is empty; name a file in the workspace's datasets/ folder."
         )
+    gpus = recipe.train.gpus
+    if isinstance(gpus, str) and gpus.strip().lower() == ALL_GPUS:
+        recipe.train.gpus = ALL_GPUS
+    elif isinstance(gpus, str) or gpus < 1:
+        raise RecipeError(f'{where}: `train.gpus` must be a count of 1 or more, or "all", not {gpus!r}.')
 
 
 def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:

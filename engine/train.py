@@ -26,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from engine import distributed
 from engine.atomic import atomic_write_text, disk_full_error, is_disk_full, is_partial, tree_bytes
 from engine.errors import DatasetError, EngineError, TrainingError
 from engine.events import (
@@ -62,6 +63,7 @@ from engine.workspace import (
 log = logging.getLogger("engine.train")
 
 FAULT_ENV = "TUNEDECK_FAULT"  # see Fault
+FAULT_RANK_ENV = "TUNEDECK_FAULT_RANK"  # when set, the fault strikes only the rank it names
 # HF's Trainer writes checkpoint-<n>/ inside this temp folder; it is renamed to step_<n> when complete.
 STAGING_NAME = ".staging.partial-"
 ETA_WINDOW = 20  # steps in the moving average behind the ETA
@@ -75,9 +77,11 @@ class StopRequested(Exception):
 class StopSignal:
     """Turns SIGTERM/SIGINT into a polite stop: an exception before training, a flag the loop checks in it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, immediate: bool = True) -> None:
         self.requested = False
         self.training = False
+        # Ranks of a distributed run must stop after the same step, so there a stop is only ever a flag.
+        self.immediate = immediate
 
     def install(self) -> None:
         """Handle SIGTERM and SIGINT in this (main) thread."""
@@ -89,7 +93,7 @@ class StopSignal:
         self.requested = True
         if first:
             log.warning("received %s: saving a checkpoint and stopping", signal.Signals(signum).name)
-        if not self.training:
+        if self.immediate and not self.training:
             raise StopRequested()
 
 
@@ -107,7 +111,7 @@ class Fault:
     @classmethod
     def from_env(cls) -> Fault | None:
         spec = os.environ.get(FAULT_ENV, "").strip()
-        if not spec:
+        if not spec or os.environ.get(FAULT_RANK_ENV, str(distributed.rank())) != str(distributed.rank()):
             return None
         kind, _, value = spec.partition(":")
         try:
@@ -332,7 +336,7 @@ class TrainingJob:
                 next_step="Put it back, or start a new run with data.dataset set.",
             )
         current = dataset_info(Path(recorded.path))
-        if current != recorded and not self.resume:
+        if current != recorded and not self.resume and distributed.is_main_process():
             # The file changed between launch and start: record what this run really trains on.
             meta["dataset"] = dataclasses.asdict(current)
             atomic_write_text(self.run_dir / RUN_META_FILE, json.dumps(meta, indent=2) + "\n")
@@ -353,8 +357,18 @@ class TrainingJob:
         recipe = load_recipe(self.run_dir / RUN_RECIPE_FILE)
         self.recipe = recipe
         workspace = self._workspace(meta)
+        # Rank 0 alone writes (partial checkpoints removed, run.json, the demo model); the others then read.
+        with distributed.main_process_first():
+            model_path, pairs, dataset = self._prepare(meta, recipe, workspace)
+        return self._train(recipe, model_path, pairs, dataset)
+
+    def _prepare(
+        self, meta: dict[str, Any], recipe: Recipe, workspace: Workspace
+    ) -> tuple[str, list[Any], DatasetInfo]:
+        """Check the checkpoints, the dataset and the base model; returns the model path, pairs and dataset."""
+        writes = distributed.is_main_process()
         if self.resume:
-            removed = clean_partial_checkpoints(self.run_dir)
+            removed = clean_partial_checkpoints(self.run_dir) if writes else []
             if removed:
                 log.info("removed partial checkpoint folders: %s", ", ".join(removed))
             self.resume_checkpoint = check_resumable(self.run_dir, check_running=False)
@@ -369,8 +383,7 @@ class TrainingJob:
 
         pairs = load_pairs(Path(dataset.path))
         self._progress(1, 4, "finding the base model")
-        model_path = self._base_model(workspace, recipe)
-        return self._train(recipe, model_path, pairs, dataset)
+        return self._base_model(workspace, recipe), pairs, dataset
 
     def _train(self, recipe: Recipe, model_path: str, pairs: list[Any], dataset: DatasetInfo) -> str:
         if recipe.train.method == "full" and recipe.model.dtype == "float16":
@@ -385,7 +398,7 @@ class TrainingJob:
 
         transformers.utils.logging.disable_progress_bar()
         transformers.set_seed(recipe.train.seed)
-        self.device = resolve_device(recipe.train.device)
+        self.device = distributed.process_device(resolve_device(recipe.train.device))
         tokenizer = load_tokenizer(
             model_path,
             chat_template=recipe.model.chat_template,
@@ -453,7 +466,7 @@ class TrainingJob:
         self._progress(3, 4, "starting the training loop")
         on_gpu = self.device.startswith("cuda")
         # Every rank writes its part of a checkpoint (e.g. its RNG state) into the same staging folder.
-        staging = self.run_dir / CHECKPOINTS_DIR / f"{STAGING_NAME}{os.getpid()}"
+        staging = self.run_dir / CHECKPOINTS_DIR / f"{STAGING_NAME}{distributed.launcher_pid()}"
         has_eval = bool(examples.eval)
         args = TrainingArguments(
             # The packed path checkpoints its own layers; the Trainer's switch would wrap the HF forward only.
@@ -486,6 +499,8 @@ class TrainingJob:
             # Evaluation needs only the loss; gathering all positions' logits is how eval runs out of memory.
             prediction_loss_only=True,
             dataloader_num_workers=0,
+            # Every trainable tensor takes part in each step, so DDP need not search the graph for unused ones.
+            ddp_find_unused_parameters=False,
             save_total_limit=None,
         )
         trainer_class, callback_class = _trainer_parts()
@@ -508,7 +523,7 @@ class TrainingJob:
         )
         trainer.remove_callback(PrinterCallback)
         self.stop.training = True
-        if self.stop.requested:
+        if distributed.any_rank(self.stop.requested):
             raise StopRequested()
         trainer.train(resume_from_checkpoint=str(self.resume_checkpoint) if self.resume_checkpoint else None)
         stopped = self.stop.requested and self.global_step < self.max_steps
@@ -578,10 +593,14 @@ class TrainingJob:
         staging = Path(save.output_dir)
         try:
             save()
-            written = staging / f"checkpoint-{step}"
-            _fsync_tree(written)
-            os.replace(written, final)
-            _fsync_dir(final.parent)
+            # Every rank's files are in the staging folder before rank 0 alone renames it into place.
+            distributed.barrier()
+            if distributed.is_main_process():
+                written = staging / f"checkpoint-{step}"
+                _fsync_tree(written)
+                os.replace(written, final)
+                _fsync_dir(final.parent)
+            distributed.barrier()
         except Exception as exc:
             # Judged before the partial folder is removed: its space would hide a disk that was full.
             full = is_disk_full(exc, final.parent)
@@ -604,7 +623,9 @@ class TrainingJob:
 
         now = time.monotonic()
         elapsed_window = max(now - self.last_log_time, 1e-6)
-        tokens_per_s = self.tokens_since_log / elapsed_window
+        # Every rank counts its own micro-batches: the job's throughput is their sum.
+        tokens = distributed.total(self.tokens_since_log)
+        tokens_per_s = tokens / elapsed_window
         self.tokens_since_log, self.last_log_time = 0, now
         remaining = max(state.max_steps - state.global_step, 0)
         eta = sum(self.step_seconds) / len(self.step_seconds) * remaining if self.step_seconds else None
@@ -619,6 +640,7 @@ class TrainingJob:
                 learning_rate=_number(logs.get("learning_rate")),
                 grad_norm=_number(logs.get("grad_norm")),
                 tokens_per_s=round(tokens_per_s, 1),
+                tokens=tokens,
                 gpu_mem_gib=round(gpu, 3) if gpu is not None else None,
                 eta_s=round(eta, 1) if eta is not None else None,
                 elapsed_s=round(now - self.started, 2),
@@ -788,8 +810,8 @@ def _trainer_parts() -> tuple[type, type]:
                 RunStarted(
                     run_id=job.run_dir.name,
                     total_steps=state.max_steps,
-                    device=job.device,
-                    pid=os.getpid(),
+                    device=distributed.device_label(job.device),
+                    pid=distributed.launcher_pid(),
                     resumed_from_step=resumed,
                     **self.info,
                 )
@@ -802,7 +824,7 @@ def _trainer_parts() -> tuple[type, type]:
             job.mark_step_end()
             if state.global_step >= state.max_steps:
                 control.should_save = True  # the final checkpoint, whatever save_steps says
-            if job.stop.requested:
+            if distributed.any_rank(job.stop.requested):
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -870,15 +892,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_dir = args.run_dir.expanduser().resolve()
     stream = claim_stdout()
-    writer = EventWriter(stream, run_dir / RUN_EVENTS_FILE)
+    # Of a distributed run's ranks only rank 0 reports; the launcher's pid stays in the pid file.
+    reports = distributed.is_main_process()
+    writer = EventWriter(stream, run_dir / RUN_EVENTS_FILE) if reports else EventWriter()
     log_path = run_dir / RUN_LOG_FILE
     _setup_logging(log_path)
-    stop = StopSignal()
+    distributed.label_logging()
+    stop = StopSignal(immediate=not distributed.is_distributed())
     stop.install()
-    atomic_write_text(run_dir / RUN_PID_FILE, f"{os.getpid()}\n")
+    if not distributed.is_distributed():
+        atomic_write_text(run_dir / RUN_PID_FILE, f"{os.getpid()}\n")
     log.info("training %s (resume=%s, pid %d)", run_dir.name, args.resume, os.getpid())
     job = TrainingJob(run_dir, writer, stop, resume=args.resume)
     try:
+        distributed.join()
         job.run()
         return 0
     except StopRequested:
@@ -899,11 +926,15 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s: %s", error.title, error)
         else:
             log.exception("training failed")
-        writer.emit(
-            RunFailed(
-                title=error.title, cause=error.message, next_step=error.next_step, details_path=str(log_path)
+        if not distributed.report_failure(error):  # the launcher reports the first failure of any rank
+            writer.emit(
+                RunFailed(
+                    title=error.title,
+                    cause=error.message,
+                    next_step=error.next_step,
+                    details_path=str(log_path),
+                )
             )
-        )
         return 3 if isinstance(exc, KeyboardInterrupt) else 1
     finally:
         writer.close()
