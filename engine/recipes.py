@@ -173,7 +173,11 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 }
 # Fields hashed only when they differ from these defaults, so runs saved before the fields existed keep their
 # fingerprint and still resume.
-UNHASHED_DEFAULTS: dict[tuple[str, str], Any] = {("train", "gpus"): 1, ("train", "distributed"): "ddp"}
+UNHASHED_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("train", "gpus"): 1,
+    ("train", "distributed"): "ddp",
+    ("train", "max_tokens_per_batch"): 0,
+}
 POSITIVE_INTS = {
     ("data", "max_length"),
     ("train", "batch_size"),
