@@ -798,9 +798,20 @@ class FlatParameters:
     def zero_grad(self) -> None:
         self.param.grad.zero_()
 
-    def relink_grads(self) -> None:
-        """Re-attach the gradient views after something set them to None (transformers' Trainer calls
-        `model.zero_grad()` after each optimizer step), starting from zero."""
+    def relink(self) -> None:
+        """Re-attach tensors whose storage was replaced and gradient views that were set to None.
+
+        Wrapping the model for data-parallel training (accelerate's DDP preparation) gives the parameters new
+        storage once, after the optimizer already holds the flat tensor: their current values move back into
+        the flat buffer. transformers' Trainer calls `model.zero_grad()` after each optimizer step: the
+        gradient views come back, starting from zero.
+        """
+        data = self.param.data
+        base, size = data.data_ptr(), data.element_size()
+        for param, offset, count in self.slots:
+            if param.data_ptr() != base + offset * size:
+                data[offset : offset + count].copy_(param.detach().reshape(-1))
+                param.data = data[offset : offset + count].view_as(param)
         if self.param.grad is None:
             self.param.grad = self.grad
         if any(param.grad is None for param, _, _ in self.slots):
@@ -1017,7 +1028,7 @@ class PackedCausalLM:
         processes here. Returns the mean loss, detached.
         """
         if self.flat is not None:
-            self.flat.relink_grads()
+            self.flat.relink()
         batches = self.pack(examples)
         local = sum(b.num_targets for b in batches)
         normalizer = num_items if num_items is not None else local

@@ -427,6 +427,8 @@ class TrainingJob:
             blocker = "full fine-tuning trains every weight, and the packed path trains adapters"
         elif self.device.startswith("cuda") and not _mixed_precision(recipe, self.device)["bf16"]:
             blocker = "it computes in bfloat16, which this GPU or model.dtype=float32 rules out"
+        elif distributed.shards_model():
+            blocker = "FSDP shards the weights, and the packed path reads each layer's whole weights"
         if blocker:
             self._info(f"Training on padded batches, not packs: {blocker}.")
         return blocker is None

@@ -257,3 +257,21 @@ def test_trainer_style_steps_survive_model_zero_grad():
         if param.requires_grad:
             assert torch.allclose(param.grad, expected[name], rtol=1e-4, atol=1e-6), name
     assert torch.equal(runner.flat.param.grad, torch.cat([p.grad.reshape(-1) for p in runner.trainable]))
+
+
+def test_parameters_given_new_storage_after_flattening_still_train():
+    """Data-parallel wrapping re-assigns parameter storage once the optimizer holds the flat tensor."""
+    examples = _examples(4)
+    model = _tiny_lora_model(seed=8)
+    runner = fast.PackedCausalLM(model, fast.FastOptions())
+    optimizer = torch.optim.SGD(runner.optimizer_parameters(), lr=0.5)
+    for param in runner.trainable:
+        param.data = param.data.clone()  # what the wrapping does
+    before = [p.detach().clone() for p in runner.trainable]
+    model.zero_grad()
+    runner.backward_examples(examples)
+    optimizer.step()
+    assert all(not torch.equal(p, b) for p, b in zip(runner.trainable, before, strict=True))
+    assert torch.equal(
+        runner.flat.param.detach(), torch.cat([p.detach().reshape(-1) for p in runner.trainable])
+    )

@@ -117,3 +117,25 @@ def test_a_model_the_packed_path_cannot_run_trains_padded_and_says_why(tiny_work
     reasons = [e.message for e in _of(events, Log) if "padded batches, not packs" in e.message]
     assert reasons and "lm_head" in reasons[0]
     assert [s.step for s in _of(events, Step)] == [1, 2]
+
+
+@pytest.mark.slow
+def test_two_processes_on_packs_train_like_one(tiny_workspace: Workspace) -> None:
+    from conftest import finish_run
+
+    from engine.launch import start_run
+
+    recipe = tiny_workspace.root / "recipes" / "tiny.toml"
+    packed = ["train.packing=true", "train.max_steps=4", f"lora.target_modules={ATTENTION_AND_MLP}"]
+    runs = []
+    for overrides in (["train.gpus=2", "train.batch_size=1"], ["train.batch_size=2"]):
+        run_dir = tiny_workspace.runs_dir / start_run(tiny_workspace, recipe, [*packed, *overrides])
+        summary = finish_run(run_dir, timeout=240)
+        assert summary.status == "finished", (run_dir / "train.log").read_text()[-3000:]
+        runs.append(read_events(run_dir / "events.jsonl"))
+    two, one = (_of(events, Step) for events in runs)
+    assert any("Training on packs" in e.message for e in _of(runs[0], Log))
+    assert [s.tokens for s in two] == [s.tokens for s in one]
+    for ddp_step, single_step in zip(two, one, strict=True):
+        assert ddp_step.loss == pytest.approx(single_step.loss, rel=1e-4)
+        assert ddp_step.grad_norm == pytest.approx(single_step.grad_norm, rel=1e-3)
