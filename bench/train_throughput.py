@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -60,9 +61,13 @@ ARM_TITLES = {
     "seeds": "(a) seeds' recipe: HF Trainer + peft + bnb, padded batches of 4 × accumulation 4, random order",
     "unsloth": "(b) Unsloth: batches of 16 grouped by length, its gradient checkpointing, LoRA dropout 0",
     "engine-baseline": "(c0) tunedeck recipe through the plain HF forward: padded batch of 16, grouped",
-    "engine": "(c) tunedeck engine packed path (engine/fast.py): padding-free packs, varlen flash attention",
+    "engine": "(c) tunedeck's trainer (engine.train) with its qlora-7b recipe, which trains on packs "
+    "(engine/fast.py): padding-free, varlen flash attention",
+    "engine-runner": "engine/fast.py's runner in a bare loop, one row per option variant (experiments)",
 }
 DEFAULT_ARMS = "engine,unsloth,seeds,engine-baseline"
+# Makes load_tokenizer find a template, so it adds no ChatML tokens: every arm trains the same vocabulary.
+PLAIN_CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
 H100_BF16_DENSE_FLOPS = 989.4e12  # datasheet, SXM; the measured 8192³ bf16 matmul ran at ~798 TFLOP/s here
 LEARNING_RATE = 2e-4
 SEED = 42
@@ -208,6 +213,7 @@ def build_model(model_dir: Path, shape: str) -> dict[str, Any]:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+    fast.chat_template = PLAIN_CHAT_TEMPLATE
     config = LlamaConfig(
         **SHAPES[shape],
         max_position_embeddings=4096 if shape == "7b" else 256,
@@ -301,18 +307,107 @@ def pad_collator(pad_id: int, multiple: int = 8) -> Any:
     return collate
 
 
+PROFILED_STEPS = 3
+
+
+def step_recorder(torch: Any, timed_steps: int, profile: bool) -> Any:
+    """A Trainer callback recording each step's wall time (GPU synchronised) and logged loss; with `profile`,
+    it profiles the steps after the first `timed_steps` (extra steps, so the profiler never slows a timed
+    one)."""
+    from transformers import TrainerCallback
+
+    cuda = torch.cuda.is_available()
+
+    class StepRecorder(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+            self.losses: list[float] = []
+            self.profiler: Any = None
+            self.profile_started = 0.0
+            self.profile: dict[str, Any] | None = None
+
+        def _sync(self) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            self._sync()
+            self.marks.append(time.perf_counter())
+
+        def on_step_begin(self, _args: Any, state: Any, *a: Any, **k: Any) -> None:
+            if profile and cuda and state.global_step == timed_steps and self.profiler is None:
+                from torch.profiler import ProfilerActivity
+
+                self._sync()
+                self.profiler = torch.profiler.profile(
+                    activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]
+                )
+                self.profiler.__enter__()
+                self.profile_started = time.perf_counter()
+
+        def on_step_end(self, _args: Any, state: Any, *a: Any, **k: Any) -> None:
+            self._sync()
+            if state.global_step <= timed_steps:
+                self.marks.append(time.perf_counter())
+            elif self.profiler is not None and state.global_step == timed_steps + PROFILED_STEPS:
+                wall = time.perf_counter() - self.profile_started
+                self.profiler.__exit__(None, None, None)
+                self.profile = profile_summary(self.profiler, wall)
+                self.profiler = None
+
+        def on_log(
+            self, _args: Any, state: Any, _control: Any, logs: dict[str, Any] | None = None, **k: Any
+        ) -> None:
+            if logs and "loss" in logs and state.global_step <= timed_steps:
+                self.losses.append(float(logs["loss"]))
+
+    return StepRecorder()
+
+
+def profile_summary(prof: Any, wall_s: float, tokens: int | None = None) -> dict[str, Any]:
+    """GPU time by kernel and host time by op, plus how busy the GPU was over the wall time."""
+    events = prof.key_averages()
+    kernel_total = sum(e.self_device_time_total for e in events) or 1
+    kernels = [
+        {
+            "name": e.key[:110],
+            "gpu_ms": round(e.self_device_time_total / 1000, 2),
+            "share": round(e.self_device_time_total / kernel_total, 4),
+            "calls": e.count,
+        }
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]
+    ]
+    host = [
+        {"name": e.key[:80], "self_cpu_ms": round(e.self_cpu_time_total / 1000, 2), "calls": e.count}
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]
+    ]
+    launches = sum(
+        e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+    )
+    return {
+        "wall_ms": round(wall_s * 1000, 1),
+        "gpu_kernel_ms": round(kernel_total / 1000, 1),
+        "gpu_busy_share": round(kernel_total / 1000 / (wall_s * 1000), 3),
+        "kernel_launches": launches,
+        "tokens": tokens,
+        "kernels": kernels,
+        "host": host,
+    }
+
+
 def run_trainer_arm(arm: str, args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
     """Train with transformers' Trainer; per-step wall time is taken between consecutive step ends."""
     if arm == "unsloth":
         import unsloth  # noqa: F401  (must come before transformers)
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     cuda = torch.cuda.is_available()
     samples = data["samples"]
     steps_order = data["grouped_steps"] if arm == "unsloth" else data["random_steps"]
     steps_order = steps_order[: args.steps]
-    flat = [i for step in steps_order for i in step]
+    profiled = steps_order[args.warmup : args.warmup + PROFILED_STEPS] if args.profile and cuda else []
+    flat = [i for step in [*steps_order, *profiled] for i in step]
     rows = [{"input_ids": samples[i]["ids"], "labels": labels_of(samples[i])} for i in flat]
     step_tokens = [sum(len(samples[i]["ids"]) for i in step) for step in steps_order]
     micro = 16 if arm == "unsloth" else 4
@@ -345,26 +440,7 @@ def run_trainer_arm(arm: str, args: argparse.Namespace, data: dict[str, Any]) ->
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
         model = get_peft_model(model, lora_config(0.1))
     load_s = time.perf_counter() - load_started
-
-    marks: list[float] = []
-    losses: list[float] = []
-
-    class Timing(TrainerCallback):
-        def on_train_begin(self, *a: Any, **k: Any) -> None:
-            if cuda:
-                torch.cuda.synchronize()
-            marks.append(time.perf_counter())
-
-        def on_step_end(self, *a: Any, **k: Any) -> None:
-            if cuda:
-                torch.cuda.synchronize()
-            marks.append(time.perf_counter())
-
-        def on_log(
-            self, _args: Any, _state: Any, _control: Any, logs: dict[str, Any] | None = None, **k: Any
-        ) -> None:
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
+    recorder = step_recorder(torch, len(steps_order), bool(profiled))
 
     fields = {f for f in TrainingArguments.__dataclass_fields__}
     extra_args: dict[str, Any] = {}
@@ -374,7 +450,7 @@ def run_trainer_arm(arm: str, args: argparse.Namespace, data: dict[str, Any]) ->
         output_dir=tempfile.mkdtemp(prefix=f"bench-{arm}-"),
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=16 // micro,
-        max_steps=len(steps_order),
+        max_steps=len(steps_order) + len(profiled),
         learning_rate=LEARNING_RATE,
         lr_scheduler_type="constant",
         warmup_steps=0,
@@ -401,14 +477,14 @@ def run_trainer_arm(arm: str, args: argparse.Namespace, data: dict[str, Any]) ->
         args=training_args,
         train_dataset=_ListDataset(rows),
         data_collator=pad_collator(0),
-        callbacks=[Timing()],
+        callbacks=[recorder],
     )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     sampler = MemorySampler() if cuda else None
     with sampler or contextlib.nullcontext():
         trainer.train()
-    step_times = [b - a for a, b in itertools.pairwise(marks)]
+    step_times = [b - a for a, b in itertools.pairwise(recorder.marks)]
     padded = [
         sum(
             math.ceil(max(len(samples[i]["ids"]) for i in step[k : k + micro]) / 8)
@@ -418,10 +494,13 @@ def run_trainer_arm(arm: str, args: argparse.Namespace, data: dict[str, Any]) ->
         )
         for step in steps_order
     ]
+    memory = memory_fields(torch, sampler)
+    if recorder.profile is not None:
+        recorder.profile["tokens"] = sum(len(samples[i]["ids"]) for step in profiled for i in step)
     return summarize_steps(
         step_times,
         step_tokens,
-        losses,
+        recorder.losses,
         args.warmup,
         args.shape,
         {
@@ -430,7 +509,8 @@ def run_trainer_arm(arm: str, args: argparse.Namespace, data: dict[str, Any]) ->
             "micro_batch": micro,
             "grad_accum": 16 // micro,
             "lora_dropout": 0.0 if arm == "unsloth" else 0.1,
-            **memory_fields(torch, sampler),
+            **memory,
+            **({"profile": recorder.profile} if recorder.profile else {}),
         },
     )
 
@@ -527,6 +607,114 @@ def parse_variant(text: str) -> dict[str, Any]:
         "reentrant_checkpoint": "hooks" not in flags,
         "fuse_residual": "fuseres" in flags,
     }
+
+
+def run_engine_trainer(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
+    """(c): tunedeck's own trainer (`TrainingJob.fit`, the code `tunedeck train` runs) with the shipped qlora-7b
+    recipe, on the bench's samples in the grouped step order, once per token budget in `--engine-tokens`.
+
+    Only what the comparison needs differs from the recipe: the bench's model, a constant learning rate of
+    2e-4 without warm-up (as every arm), no eval split and no checkpoints before the last step.
+    """
+    import torch
+    from transformers import set_seed
+
+    from engine.events import EventWriter
+    from engine.modeling import load_model, load_tokenizer
+    from engine.recipes import find_recipe, load_recipe
+    from engine.train import Examples, StopSignal, TrainingJob
+
+    cuda = torch.cuda.is_available()
+    samples = data["samples"]
+    steps_order = data["grouped_steps"][: args.steps]
+    profiled = steps_order[args.warmup : args.warmup + PROFILED_STEPS] if args.profile and cuda else []
+    order = [i for step in [*steps_order, *profiled] for i in step]
+    examples = Examples(train=[{"input_ids": s["ids"], "labels": labels_of(s)} for s in samples], eval=[])
+    step_tokens = [sum(len(samples[i]["ids"]) for i in step) for step in steps_order]
+    variants: dict[str, Any] = {}
+    for budget in (int(b) for b in args.engine_tokens.split(",")):
+        recipe = load_recipe(
+            find_recipe("qlora-7b"),
+            [
+                f"model.base={json.dumps(str(args.model_dir))}",
+                f"train.max_steps={len(steps_order) + len(profiled)}",
+                f"train.learning_rate={LEARNING_RATE}",
+                'train.lr_scheduler="constant"',
+                "train.warmup_ratio=0",
+                "data.eval_fraction=0",
+                "train.save_steps=0",
+                f"train.max_tokens_per_batch={budget}",
+            ],
+        )
+        run_dir = Path(tempfile.mkdtemp(prefix="bench-engine-run-"))
+        with open(os.devnull, "w") as events_sink:
+            job = TrainingJob(
+                run_dir, EventWriter(events_sink, run_dir / "events.jsonl"), StopSignal(), resume=False
+            )
+            job.device = "cuda" if cuda else "cpu"
+            job.sample_order = order
+            set_seed(recipe.train.seed)
+            started = time.perf_counter()
+            tokenizer = load_tokenizer(args.model_dir, chat_template=recipe.model.chat_template)
+            model = load_model(
+                args.model_dir, recipe, tokenizer, device=job.device, packed=recipe.train.packing
+            )
+            load_s = time.perf_counter() - started
+            recorder = step_recorder(torch, len(steps_order), bool(profiled))
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            sampler = MemorySampler() if cuda else None
+            info = {"recipe": recipe.name, "method": recipe.train.method, "base_model": str(args.model_dir)}
+            info |= {"dataset": "bench", "num_train": len(samples), "num_eval": 0}
+            try:
+                with sampler or contextlib.nullcontext():
+                    status = job.fit(
+                        recipe,
+                        model,
+                        tokenizer,
+                        examples,
+                        info,
+                        packing=recipe.train.packing,
+                        callbacks=[recorder],
+                    )
+                runner = job.runner
+                result = summarize_steps(
+                    [b - a for a, b in itertools.pairwise(recorder.marks)],
+                    step_tokens,
+                    recorder.losses,
+                    args.warmup,
+                    args.shape,
+                    {
+                        "status": status,
+                        "load_s": round(load_s, 1),
+                        "dropout": recipe.lora.dropout,
+                        "packed": runner is not None,
+                        "max_tokens": runner.options.max_tokens if runner is not None else None,
+                        "liger": runner is not None and runner.kernels.liger is not None,
+                        "fast_dequant_layers": runner.fast_dequant_layers if runner is not None else 0,
+                        "flat": runner is not None and runner.flat is not None,
+                        **memory_fields(torch, sampler),
+                        **({"profile": recorder.profile} if recorder.profile else {}),
+                    },
+                )
+                if recorder.profile is not None:
+                    recorder.profile["tokens"] = sum(
+                        len(samples[i]["ids"]) for step in profiled for i in step
+                    )
+            except Exception as exc:  # one failing budget (say, out of memory) must not hide the others
+                result = {"dropout": recipe.lora.dropout, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+            job.writer.close()
+        name = f"recipe[max_tokens_per_batch={budget}]"
+        variants[name] = result
+        del model, job, recorder
+        _release_paged_state()
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return {"variants": variants}
 
 
 def _release_paged_state() -> None:
@@ -812,8 +1000,7 @@ def _parity_check(model: Any, examples: list[Any], device: Any, torch: Any, fast
 
 
 def _profile_steps(runner: Any, optimizer: Any, steps: list[Any], torch: Any) -> dict[str, Any]:
-    """GPU time by kernel and host time by op over a few steps, plus how busy the GPU was over the wall
-    time."""
+    """`profile_summary` of a few runner steps in a bare loop."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -822,29 +1009,8 @@ def _profile_steps(runner: Any, optimizer: Any, steps: list[Any], torch: Any) ->
         for batches in steps:
             runner.train_step(optimizer, batches, max_grad_norm=1.0).loss.item()
         torch.cuda.synchronize()
-    wall = time.perf_counter() - started
-    events = prof.key_averages()
-    kernel_total = sum(e.self_device_time_total for e in events) or 1
-    kernels = [
-        {
-            "name": e.key[:110],
-            "gpu_ms": round(e.self_device_time_total / 1000, 2),
-            "share": round(e.self_device_time_total / kernel_total, 4),
-            "calls": e.count,
-        }
-        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]
-    ]
-    host = [
-        {"name": e.key[:80], "self_cpu_ms": round(e.self_cpu_time_total / 1000, 2), "calls": e.count}
-        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]
-    ]
-    return {
-        "wall_ms": round(wall * 1000, 1),
-        "gpu_kernel_ms": round(kernel_total / 1000, 1),
-        "tokens": sum(b.num_tokens for batches in steps for b in batches),
-        "kernels": kernels,
-        "host": host,
-    }
+    tokens = sum(b.num_tokens for batches in steps for b in batches)
+    return profile_summary(prof, time.perf_counter() - started, tokens)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -863,6 +1029,8 @@ def child(args: argparse.Namespace) -> int:
         elif args.arm == "engine-baseline":
             result = run_engine_baseline(args, data)
         elif args.arm == "engine":
+            result = run_engine_trainer(args, data)
+        elif args.arm == "engine-runner":
             result = run_engine(args, data)
         elif args.arm == "engine-ddp":
             result = run_engine_ddp(args, data)
@@ -944,11 +1112,15 @@ def summarize(results: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
                     },
                 }
             )
-    for vname, v in arms.get("engine", {}).get("variants", {}).items():
+    for engine_arm, vname, v in [
+        (name, vname, v)
+        for name in ("engine", "engine-runner")
+        for vname, v in arms.get(name, {}).get("variants", {}).items()
+    ]:
         if "error" not in v:
             table.append(
                 {
-                    "arm": f"engine[{vname}]",
+                    "arm": f"{engine_arm}[{vname}]",
                     **{
                         k: v.get(k)
                         for k in (
@@ -1079,6 +1251,8 @@ def parent(args: argparse.Namespace) -> int:
             str(args.warmup),
             "--variants",
             args.variants,
+            "--engine-tokens",
+            args.engine_tokens,
             *extra,
         ]
         if args.profile:
@@ -1185,6 +1359,11 @@ def main() -> int:
         "--variants",
         default="4096:0,5120:0,4096:0:nodrop",
         help="engine variants: max_tokens:uncheckpointed_layers[:nodrop][:noliger][:nofuse]",
+    )
+    parser.add_argument(
+        "--engine-tokens",
+        default="0",
+        help="train.max_tokens_per_batch values for the engine arm (0 = the recipe's automatic budget)",
     )
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--deadline-s", type=float, default=560)

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from engine.events import RunFinished, Step, read_events
+from engine.events import Eval, Log, RunFinished, Step, read_events
 from engine.launch import _child_env, prepare_run, train_command
 from engine.workspace import Workspace, latest_checkpoint
 
@@ -28,7 +28,12 @@ def test_qlora_trains_in_bf16_on_the_gpu_and_reports_gpu_memory(tiny_workspace: 
     ]
     run_dir = prepare_run(tiny_workspace, recipe, overrides)
     result = subprocess.run(
-        train_command(run_dir), capture_output=True, text=True, env=_child_env(run_dir), timeout=300, cwd=run_dir
+        train_command(run_dir),
+        capture_output=True,
+        text=True,
+        env=_child_env(run_dir),
+        timeout=300,
+        cwd=run_dir,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     events = read_events(run_dir / "events.jsonl")
@@ -37,3 +42,57 @@ def test_qlora_trains_in_bf16_on_the_gpu_and_reports_gpu_memory(tiny_workspace: 
     assert all(event.gpu_mem_gib and event.gpu_mem_gib > 0 for event in steps)
     assert isinstance(events[-1], RunFinished) and events[-1].status == "finished"
     assert (latest_checkpoint(run_dir) / "adapter_model.safetensors").is_file()
+
+
+QLORA_ON_GPU = [
+    "train.method=qlora",
+    "train.device=cuda",
+    "model.dtype=bfloat16",
+    "quant.compute_dtype=bfloat16",
+    "train.optimizer=paged_adamw_32bit",
+]
+
+
+def _train_run(workspace: Workspace, overrides: list[str]) -> list:
+    run_dir = prepare_run(workspace, workspace.root / "recipes" / "tiny.toml", overrides)
+    result = subprocess.run(
+        train_command(run_dir),
+        capture_output=True,
+        text=True,
+        env=_child_env(run_dir),
+        timeout=300,
+        cwd=run_dir,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (latest_checkpoint(run_dir) / "adapter_model.safetensors").is_file()
+    return read_events(run_dir / "events.jsonl")
+
+
+def test_qlora_on_packs_trains_like_padded_batches_through_the_trainer(tiny_workspace: Workspace) -> None:
+    common = [
+        *QLORA_ON_GPU,
+        "train.max_steps=6",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "train.eval_steps=3",
+        "data.eval_fraction=0.3",
+        "train.gradient_checkpointing=true",
+        "lora.dropout=0",
+        'lora.target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]',
+    ]
+    padded = _train_run(tiny_workspace, [*common, "train.packing=false"])
+    packed = _train_run(tiny_workspace, [*common, "train.packing=true", "train.max_tokens_per_batch=32"])
+    assert any("Training on packs of up to 32 tokens" in e.message for e in packed if isinstance(e, Log))
+    assert isinstance(packed[-1], RunFinished) and packed[-1].status == "finished"
+    padded_steps = [e for e in padded if isinstance(e, Step)]
+    packed_steps = [e for e in packed if isinstance(e, Step)]
+    assert [e.step for e in packed_steps] == [1, 2, 3, 4, 5, 6]
+    assert all(e.gpu_mem_gib and e.gpu_mem_gib > 0 and e.tokens_per_s for e in packed_steps)
+    # bf16 compute on both paths: the same step losses up to rounding, not bit for bit.
+    for a, b in zip(padded_steps, packed_steps, strict=True):
+        assert b.loss == pytest.approx(a.loss, rel=2e-2), (a, b)
+    assert packed_steps[-1].loss < packed_steps[0].loss
+    padded_evals = [e.eval_loss for e in padded if isinstance(e, Eval)]
+    packed_evals = [e.eval_loss for e in packed if isinstance(e, Eval)]
+    assert len(packed_evals) == len(padded_evals) == 2
+    assert packed_evals == pytest.approx(padded_evals, rel=2e-2)
