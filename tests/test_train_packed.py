@@ -59,9 +59,12 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(latest_checkpoint(run_dir) / "adapter_model.safetensors"))
 
 
-def test_packed_and_padded_training_agree_step_for_step(tiny_workspace: Workspace) -> None:
-    padded = _train(tiny_workspace, [*COMMON, "train.packing=false"])
-    packed = _train(tiny_workspace, [*COMMON, "train.packing=true"])
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_packed_and_padded_training_agree_step_for_step(tiny_workspace: Workspace, method: str) -> None:
+    # QLoRA on packs keeps the base's other weights unconverted (no kbit preparation): on a CPU both paths
+    # compute in float32 all the same, so they still agree to rounding.
+    padded = _train(tiny_workspace, [*COMMON, f"train.method={method}", "train.packing=false"])
+    packed = _train(tiny_workspace, [*COMMON, f"train.method={method}", "train.packing=true"])
     padded_events, packed_events = read_events(padded / "events.jsonl"), read_events(packed / "events.jsonl")
     assert isinstance(padded_events[-1], RunFinished) and padded_events[-1].status == "finished"
     assert isinstance(packed_events[-1], RunFinished) and packed_events[-1].status == "finished"
@@ -84,7 +87,12 @@ def test_packed_and_padded_training_agree_step_for_step(tiny_workspace: Workspac
     expected, got = _adapter(padded), _adapter(packed)
     assert got.keys() == expected.keys()
     for name, tensor in expected.items():
-        assert torch.allclose(got[name], tensor, rtol=1e-3, atol=1e-5), name
+        if method == "lora":
+            assert torch.allclose(got[name], tensor, rtol=1e-3, atol=1e-5), name
+        else:
+            # bitsandbytes' CPU 4-bit matmul rounds differently from dequantize-then-matmul, and Adam turns that
+            # into whole steps for weights whose gradients are near zero: compare each tensor as a whole.
+            assert (got[name] - tensor).norm() <= 1e-2 * tensor.norm(), name
 
 
 def test_packed_run_resumes_after_a_crash_as_if_uninterrupted(tiny_workspace: Workspace) -> None:
