@@ -466,12 +466,19 @@ def _launch_env(plan: LaunchPlan, folder: Path) -> dict[str, str]:
     return env
 
 
-def supervise(run_dir: Path, plan: LaunchPlan, writer: EventWriter, stream: Any, *, resume: bool) -> int:
+def _report_stopped(writer: EventWriter, run_dir: Path, elapsed_s: float) -> None:
+    checkpoint = latest_checkpoint(run_dir)
+    writer.emit(
+        RunFinished(status="stopped", elapsed_s=round(elapsed_s, 2), checkpoint=str(checkpoint or ""))
+    )
+
+
+def supervise(
+    run_dir: Path, plan: LaunchPlan, writer: EventWriter, stream: Any, stop: _StopRequest, *, resume: bool
+) -> int:
     """Run the ranks through accelerate, pass stops on, and make sure the run ends with exactly one report."""
     events_path = run_dir / RUN_EVENTS_FILE
     offset = events_path.stat().st_size if events_path.exists() else 0
-    stop = _StopRequest()
-    stop.install()
     folder = Path(tempfile.mkdtemp(prefix="tunedeck-ranks-"))
     command = accelerate_command(run_dir, plan, resume=resume)
     log.info(
@@ -514,14 +521,7 @@ def supervise(run_dir: Path, plan: LaunchPlan, writer: EventWriter, stream: Any,
             )
             return 1
         if stop.requested:
-            checkpoint = latest_checkpoint(run_dir)
-            writer.emit(
-                RunFinished(
-                    status="stopped",
-                    elapsed_s=round(time.monotonic() - started, 2),
-                    checkpoint=str(checkpoint or ""),
-                )
-            )
+            _report_stopped(writer, run_dir, time.monotonic() - started)
             return 0
         error = TrainingError(
             f"A training process ended without reporting why (accelerate exited with code {code}).",
@@ -549,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, required=True, help="the run folder (runs/<id>/)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     args = parser.parse_args(argv)
+    started = time.monotonic()
+    stop = _StopRequest()
+    stop.install()
     run_dir = args.run_dir.expanduser().resolve()
     stream = claim_stdout()
     logging.basicConfig(
@@ -574,13 +577,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             return 1
+        if stop.requested:
+            _report_stopped(writer, run_dir, time.monotonic() - started)
+            return 0
         if plan.processes == 1:
             # One process needs no launcher: become the trainer, keeping this pid (the pid file names it).
             writer.close()
             os.dup2(stream.fileno(), 1)
             command = train_command(run_dir, resume=args.resume)
             os.execv(command[0], command)
-        return supervise(run_dir, plan, writer, stream, resume=args.resume)
+        return supervise(run_dir, plan, writer, stream, stop, resume=args.resume)
     finally:
         writer.close()
 

@@ -36,7 +36,7 @@ from engine.events import (
     write_events,
 )
 from engine.launch import is_running, resume_run, run_command, run_pid, start_run, stop_run
-from engine.recipes import find_recipe, load_recipe
+from engine.recipes import UNHASHED_DEFAULTS, find_recipe, load_recipe
 from engine.workspace import Workspace, checkpoint_dirs, summarize_run
 
 # Per-rank batches of 1 against one process's batches of 2: the same samples per optimizer step.
@@ -133,8 +133,10 @@ def test_recipe_fields_validate_and_keep_old_fingerprints(tmp_path: Path) -> Non
         load_recipe(path, ["train.distributed=fsdb"])
     base = load_recipe(path)
     # A run saved before these fields existed hashes without them; at their defaults they must not count.
+    assert {("train", "gpus"), ("train", "distributed")} <= set(UNHASHED_DEFAULTS)
     data = base.to_dict()
-    del data["train"]["gpus"], data["train"]["distributed"]
+    for section, key in UNHASHED_DEFAULTS:
+        del data[section][key]
     data.pop("description")
     old = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
     assert base.fingerprint() == old
@@ -300,7 +302,8 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_then_resume_finish
 
     monkeypatch.delenv("TUNEDECK_FAULT")
     resume_run(tiny_workspace, run_dir.name)
-    assert finish_run(run_dir, timeout=240).status == "finished"
+    summary = finish_run(run_dir, timeout=240)
+    assert summary.status == "finished", (summary, (run_dir / "train.log").read_text()[-3000:])
     events = read_events(run_dir / "events.jsonl")
     starts = [event for event in events if isinstance(event, RunStarted)]
     assert [start.resumed_from_step for start in starts] == [None, last_step]
@@ -349,3 +352,35 @@ def test_sigkill_of_the_launcher_leaves_no_rank_training(
         assert time.monotonic() < deadline, "every rank exits with its launcher"
         time.sleep(0.2)
     assert summarize_run(run_dir).status == "interrupted"
+
+
+def test_cli_gpus_flag_is_validated_before_anything_starts(
+    tiny_workspace: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.cli import main
+
+    code = main(["--workspace", str(tiny_workspace.root), "train", "tiny", "--gpus", "0"])
+    assert code != 0 and "`train.gpus` must be a count of 1 or more" in capsys.readouterr().err
+    assert tiny_workspace.list_run_dirs() == []
+
+
+@pytest.mark.slow
+def test_cli_gpus_flag_starts_the_launcher_and_a_stop_during_setup_ends_it_stopped(
+    tiny_workspace: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.cli import main
+
+    assert main(["--workspace", str(tiny_workspace.root), "train", "tiny", "--gpus", "2"]) == 0
+    run_dir = tiny_workspace.runs_dir / capsys.readouterr().out.strip()
+    assert json.loads((run_dir / "run.json").read_text())["recipe"]["train"]["gpus"] == 2
+    deadline = time.monotonic() + 60
+    while "launching 2 CPU processes" not in (run_dir / "train.log").read_text():
+        assert time.monotonic() < deadline and is_running(run_dir), "the launcher starts the ranks"
+        time.sleep(0.05)
+    # Stopped before any rank has loaded the model: every rank must agree to stop, then rank 0 reports it.
+    assert stop_run(run_dir)
+    summary = finish_run(run_dir, timeout=120)
+    assert summary.status == "stopped", (summary, (run_dir / "train.log").read_text()[-2000:])
+    events = read_events(run_dir / "events.jsonl")
+    assert [event.type for event in events].count(RunFinished.type) == 1
+    assert not _steps(events) and checkpoint_dirs(run_dir) == []

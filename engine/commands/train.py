@@ -1,8 +1,9 @@
-"""`tunedeck train RECIPE [key=value…] [--wait] [--resume RUN]`: start or resume a detached training run.
+"""`tunedeck train RECIPE [key=value…] [--gpus N|all] [--wait] [--resume RUN]`: start or resume a detached run.
 
 The run id goes to stdout (so `RUN=$(tunedeck train demo-cpu)` works); everything else to stderr. Without
 --wait the command returns at once and the run goes on in the background, surviving a closed terminal or SSH
-session. With --wait it shows a progress line until the run ends and exits with the run's outcome:
+session. `--gpus 2` (the same as `train.gpus=2`) trains on two GPUs, one process each, through accelerate. With
+--wait it shows a progress line until the run ends and exits with the run's outcome:
 0 finished, 1 failed or interrupted, 3 stopped; Ctrl-C detaches and leaves the run going.
 """
 
@@ -27,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.epochs=4"
     )
+    parser.add_argument(
+        "--gpus",
+        metavar="N|all",
+        help="train on N GPUs (or all visible ones) through accelerate; the same as train.gpus=N",
+    )
     parser.add_argument("--wait", action="store_true", help="show progress and wait for the run to end")
     parser.add_argument("--resume", metavar="RUN", help="continue RUN from its newest checkpoint")
 
@@ -37,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe and "=" in recipe and not recipe.endswith(".toml"):
         recipe, overrides = None, [recipe, *overrides]
+    if args.gpus:
+        overrides.append(f"train.gpus={args.gpus}")
     since = time.time()
     if args.resume:
         run_id = resume_run(workspace, args.resume, recipe, overrides)
