@@ -30,11 +30,6 @@ from engine.workspace import Workspace, checkpoint_dirs, latest_checkpoint  # no
 
 pytest_plugins = ["crashkit.plugin", "crashkit.fixtures"]
 
-KNOWN_BUG = (
-    "ENOSPC raised by safetensors, torch.save or llama.cpp is reported as an unexpected crash, not as a full disk "
-    "(fix proposed in docs/reliability.md, 'Disk full is not recognised')"
-)
-
 
 def _mount(point: Path, size: str) -> None:
     point.mkdir(parents=True, exist_ok=True)
@@ -86,7 +81,8 @@ def _fill(folder: Path) -> None:
 
 
 def _says_disk_full(title: str, cause: str, next_step: str) -> bool:
-    return (title == "Disk full" or "disk" in cause.lower()) and "free" in next_step.lower()
+    """The failure names the full disk, how much room the write needs, and that freeing space is the fix."""
+    return title == "Disk full" and "needs about" in cause and "free" in next_step.lower()
 
 
 @family("disk-full")
@@ -180,7 +176,6 @@ def test_checkpoint_on_a_full_disk_keeps_earlier_checkpoints_and_resumes_once_th
 
 
 @family("disk-full")
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_BUG)
 def test_checkpoint_on_a_full_disk_says_the_disk_is_full(full_run: FullRun, trials: Trials) -> None:
     failed = full_run.failed
     assert _says_disk_full(failed.title, failed.cause, failed.next_step), failed
@@ -261,7 +256,6 @@ def test_export_on_a_full_disk_fails_with_run_failed_and_nothing_broken_under_a_
 
 @family("disk-full")
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_BUG)
 def test_export_on_a_full_disk_says_the_disk_is_full(full_exports: list[FullExport], trials: Trials) -> None:
     trials.case(len(full_exports))
     wrong = [
