@@ -283,11 +283,16 @@ class EventWriter:
             self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run
 
     def emit(self, event: Event) -> None:
-        """Write one event as one line and flush both sinks, so a kill loses at most this line."""
+        """Write one event as one line and flush both sinks, so a kill loses at most this line; when the file
+        cannot take it (a full disk), the stream still gets it and the file's OSError is raised after."""
         line = event.to_json() + "\n"
+        file_error: OSError | None = None
         if self._log is not None:
-            self._log.write(line)
-            self._log.flush()
+            try:
+                self._log.write(line)
+                self._log.flush()
+            except OSError as exc:
+                file_error = exc
         if self.stream is not None:
             try:
                 self.stream.write(line)
@@ -295,6 +300,8 @@ class EventWriter:
             except (BrokenPipeError, ValueError):
                 # The viewer went away (closed TUI, dropped SSH); the run goes on and the file keeps the record.
                 self.stream = None
+        if file_error is not None:
+            raise file_error
 
     def close(self) -> None:
         """Flush and close the events file."""

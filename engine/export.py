@@ -30,6 +30,7 @@ from engine import convert, quantize
 from engine.atomic import atomic_directory, atomic_write_text, is_disk_full, is_partial
 from engine.errors import DiskFullError, EngineError, ExportError, OutOfMemoryError
 from engine.events import (
+    Event,
     EventWriter,
     Log,
     Progress,
@@ -1210,25 +1211,25 @@ def main(argv: list[str] | None = None) -> int:
         outputs = run_export(options, writer)
     except EngineError as exc:
         log.error("%s: %s %s", exc.title, exc.message, exc.next_step)
-        writer.emit(
+        _finish(
+            writer,
             RunFailed(
                 title=exc.title,
                 cause=exc.message,
                 next_step=exc.next_step,
                 details_path=str(writer.log_path.parent / LOG_FILE) if writer.log_path else "",
-            )
+            ),
         )
-        writer.close()
         return 2
     except KeyboardInterrupt:
-        writer.emit(
+        _finish(
+            writer,
             RunFailed(
                 title="Export stopped",
                 cause="The export was interrupted before it finished.",
                 next_step="Run the export again; no partial file was kept.",
-            )
+            ),
         )
-        writer.close()
         return 130
     except BaseException as exc:
         log.exception("export crashed")
@@ -1248,17 +1249,18 @@ def main(argv: list[str] | None = None) -> int:
             first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
             cause = f"The export crashed: {type(exc).__name__}: {first_line}."
             step_hint = "See the export log for the traceback, and report it if it repeats."
-        writer.emit(
+        _finish(
+            writer,
             RunFailed(
                 title=title,
                 cause=cause,
                 next_step=step_hint,
                 details_path=str(writer.log_path.parent / LOG_FILE) if writer.log_path else "",
-            )
+            ),
         )
-        writer.close()
         return 1
-    writer.emit(
+    _finish(
+        writer,
         RunFinished(
             status="finished",
             step=outputs["step"],
@@ -1273,10 +1275,22 @@ def main(argv: list[str] | None = None) -> int:
                 "export_dir": outputs["export_dir"],
                 "durations_s": outputs["durations"],
             },
-        )
+        ),
     )
-    writer.close()
     return 0
+
+
+def _finish(writer: EventWriter, event: Event) -> None:
+    """Emit the export's last event and close the events file; on a disk too full to take it, stdout still has
+    the event and the log says the file lacks it."""
+    try:
+        writer.emit(event)
+    except OSError as exc:
+        log.error("the last event reached stdout but not %s: %s", writer.log_path, exc)
+    try:
+        writer.close()
+    except OSError as exc:
+        log.error("closing %s failed: %s", writer.log_path, exc)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

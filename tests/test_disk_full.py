@@ -219,3 +219,33 @@ def test_an_export_stage_that_fails_otherwise_is_not_called_a_full_disk(
     monkeypatch.setattr(export, "_export_stages", fail)
     with pytest.raises(ValueError, match="tensor shapes differ"):
         export.run_export(export.ExportOptions(run_dir=tmp_path / "run"))
+
+
+def test_an_event_the_events_file_cannot_take_still_reaches_the_stream(tmp_path: Path) -> None:
+    import io
+
+    from engine.events import RunFailed, parse_event
+
+    stream = io.StringIO()
+    writer = EventWriter(stream, Path("/dev/full"))  # every write to it fails with ENOSPC
+    failed = RunFailed(title="Disk full", cause="The disk filled up.", next_step="Free some disk space.")
+    with pytest.raises(OSError) as caught:
+        writer.emit(failed)
+    assert caught.value.errno == errno.ENOSPC
+    assert parse_event(stream.getvalue()) == failed
+
+
+def test_the_exports_last_event_reaches_stdout_when_the_disk_cannot_take_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import io
+
+    from engine import export
+    from engine.events import RunFailed, parse_event
+
+    stream = io.StringIO()
+    failed = RunFailed(title="Disk full", cause="The disk filled up.", next_step="Free some disk space.")
+    with caplog.at_level("ERROR", logger=export.log.name):
+        export._finish(EventWriter(stream, Path("/dev/full")), failed)
+    assert [parse_event(line) for line in stream.getvalue().splitlines()] == [failed]
+    assert "reached stdout but not /dev/full" in caplog.text
