@@ -259,6 +259,20 @@ def test_two_processes_count_every_rank_and_train_like_one(paired_runs: tuple[Pa
 
 
 @pytest.mark.slow
+def test_two_processes_end_with_the_adapter_one_process_trains(paired_runs: tuple[Path, Path]) -> None:
+    from safetensors.torch import load_file
+
+    two, one = (
+        load_file(run / "checkpoints" / "step_6" / "adapter_model.safetensors") for run in paired_runs
+    )
+    assert two.keys() == one.keys() and len(two) > 10
+    for name, weights in one.items():
+        # Same tolerance reasoning as for the losses, relative to each tensor's largest value; it was 7e-6.
+        scale = float(weights.abs().max()) or 1.0
+        assert float((two[name] - weights).abs().max()) <= 1e-4 * scale, name
+
+
+@pytest.mark.slow
 def test_two_process_checkpoints_are_complete(paired_runs: tuple[Path, Path]) -> None:
     run_dir, _ = paired_runs
     assert [path.name for path in checkpoint_dirs(run_dir)] == ["step_3", "step_6"]
@@ -384,3 +398,21 @@ def test_cli_gpus_flag_starts_the_launcher_and_a_stop_during_setup_ends_it_stopp
     events = read_events(run_dir / "events.jsonl")
     assert [event.type for event in events].count(RunFinished.type) == 1
     assert not _steps(events) and checkpoint_dirs(run_dir) == []
+
+
+@pytest.mark.slow
+def test_a_model_gone_before_the_ranks_start_fails_once_naming_it(
+    tiny_workspace: Workspace, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from engine.launch import prepare_run, spawn_training
+
+    moved = tmp_path / "moved-model"
+    shutil.copytree(tiny_model_dir, moved)
+    recipe = tiny_workspace.root / "recipes" / "tiny.toml"
+    run_dir = prepare_run(tiny_workspace, recipe, ["train.gpus=2", f'model.base="{moved}"'])
+    shutil.rmtree(moved)  # rank 0 fails inside its setup while rank 1 waits for it
+    spawn_training(run_dir)
+    assert finish_run(run_dir, timeout=120).status == "failed"
+    failed = [event for event in read_events(run_dir / "events.jsonl") if isinstance(event, RunFailed)]
+    assert len(failed) == 1 and failed[0].title == "Model problem"
+    assert f"{moved} does not exist" in failed[0].cause
