@@ -61,6 +61,7 @@ def test_ddp_command_launches_the_trainer_module_with_the_plan(tmp_path: Path) -
     assert _option(command, "--main_process_port") == "31234"
     assert _option(command, "--mixed_precision") == "bf16"
     assert _option(command, "--max_restarts") == "0"
+    assert _option(command, "--gpu_ids") == "all" and _option(command, "--machine_rank") == "0"
     assert command[command.index("--module") :] == [
         "--module",
         "engine.train",
