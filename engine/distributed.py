@@ -50,6 +50,8 @@ LAUNCHER_PID_ENV = "TUNEDECK_LAUNCHER_PID"
 CONTROL_DIR_ENV = "TUNEDECK_CONTROL_DIR"
 USE_CPU_ENV = "ACCELERATE_USE_CPU"
 POLL_S = 0.2
+# The gloo process group of the ranks' own small collectives, made by join().
+_CONTROL: dict[str, Any] = {"group": None}
 PR_SET_PDEATHSIG = 1
 
 
@@ -285,6 +287,12 @@ def join() -> None:
 
     # The Trainer later builds its own state over this process group (gloo on CPUs, NCCL on GPUs).
     PartialState(cpu=os.environ.get(USE_CPU_ENV, "").lower() in ("1", "true", "yes"))
+    import torch.distributed as dist
+
+    # Stop flags, token counts and checkpoint barriers go over a gloo group of their own (on GPUs too): they
+    # need no GPU synchronisation, and a gloo collective fails at once when a peer dies, where an NCCL one
+    # would hang until its timeout.
+    _CONTROL["group"] = dist.new_group(backend="gloo")
 
 
 def label_logging() -> None:
@@ -329,10 +337,8 @@ def _reduce(value: float, op_name: str) -> float:
     import torch
     import torch.distributed as dist
 
-    on_gpu = "nccl" in str(dist.get_backend())
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op_name))
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op_name), group=_CONTROL["group"])
     return float(tensor.item())
 
 
@@ -355,7 +361,7 @@ def barrier() -> None:
     if is_distributed():
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.barrier(group=_CONTROL["group"])
 
 
 @contextlib.contextmanager
