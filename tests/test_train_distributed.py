@@ -417,3 +417,19 @@ def test_a_model_gone_before_the_ranks_start_fails_once_naming_it(
     failed = [event for event in read_events(run_dir / "events.jsonl") if isinstance(event, RunFailed)]
     assert len(failed) == 1 and failed[0].title == "Model problem"
     assert f"{moved} does not exist" in failed[0].cause
+
+
+@pytest.mark.slow
+def test_all_gpus_on_a_machine_with_one_process_to_give_is_the_plain_trainer(
+    tiny_workspace: Workspace,
+) -> None:
+    recipe = tiny_workspace.root / "recipes" / "tiny.toml"
+    run_dir = tiny_workspace.runs_dir / start_run(
+        tiny_workspace, recipe, ["train.gpus=all", "train.max_steps=2"]
+    )
+    launcher = run_pid(run_dir)
+    assert finish_run(run_dir, timeout=120).status == "finished"
+    started = next(event for event in read_events(run_dir / "events.jsonl") if isinstance(event, RunStarted))
+    # The launcher became the trainer (same pid, no accelerate), so the pid file still names the process.
+    assert started.pid == launcher == run_pid(run_dir) and started.device == "cpu"
+    assert "launching" not in (run_dir / "train.log").read_text()
