@@ -433,3 +433,27 @@ def test_all_gpus_on_a_machine_with_one_process_to_give_is_the_plain_trainer(
     # The launcher became the trainer (same pid, no accelerate), so the pid file still names the process.
     assert started.pid == launcher == run_pid(run_dir) and started.device == "cpu"
     assert "launching" not in (run_dir / "train.log").read_text()
+
+
+def test_accelerate_accepts_the_fsdp_command_and_hands_it_to_every_rank(tmp_path: Path) -> None:
+    # The real launcher parses the real command; the ranks are a probe that prints what they were given.
+    (tmp_path / "rank_probe.py").write_text(
+        "import json, os\n"
+        "print(json.dumps({k: v for k, v in os.environ.items() if k.startswith(('FSDP_', 'ACCELERATE_'))"
+        " or k in ('RANK', 'WORLD_SIZE')}), flush=True)\n",
+        encoding="utf-8",
+    )
+    plan = LaunchPlan(processes=2, strategy="fsdp", mixed_precision="bf16", port=distributed.free_port())
+    command = accelerate_command(tmp_path, plan)
+    command[command.index("--module") + 1 :] = ["rank_probe"]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(rank["RANK"] for rank in ranks) == ["0", "1"]
+    for rank in ranks:
+        assert rank["WORLD_SIZE"] == "2" and rank["ACCELERATE_MIXED_PRECISION"] == "bf16"
+        assert rank["ACCELERATE_USE_FSDP"] == "true" and rank["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD"
+        assert rank["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+        assert "FSDP_TRANSFORMER_CLS_TO_WRAP" not in rank  # the model's own decoder layer class is wrapped
+        assert rank["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT" and rank["FSDP_USE_ORIG_PARAMS"] == "false"
