@@ -198,16 +198,22 @@ def launcher_command(run_dir: Path, *, resume: bool = False) -> list[str]:
     return [sys.executable, "-P", "-m", DISTRIBUTED_MODULE, "--run-dir", str(run_dir), *resume_flag]
 
 
-def mixed_precision_name(flags: dict[str, bool]) -> str:
-    """accelerate's name for the trainer's autocast flags (bf16/fp16 from engine.train)."""
-    return "bf16" if flags.get("bf16") else "fp16" if flags.get("fp16") else "no"
+def launch_mixed_precision(recipe: Recipe, cpu: bool) -> str:
+    """accelerate's --mixed_precision for a recipe: "no" exactly where engine.train autocasts nothing (CPUs, full
+    fine-tuning, a float32 model), else "bf16".
+
+    Each rank's Trainer sets bf16 or fp16 itself and its flag overrides this one, so only "no" has to match; not
+    asking torch whether the GPU has bf16 keeps CUDA uninitialised in the launcher, which would otherwise hold
+    memory on GPU 0 for the whole run.
+    """
+    if cpu or recipe.train.method == "full" or recipe.model.dtype == "float32":
+        return "no"
+    return "bf16"
 
 
 def resolve_plan(recipe: Recipe) -> LaunchPlan:
     """The launch plan for a recipe on this machine (imports torch to count the visible GPUs)."""
     import torch
-
-    from engine.train import _mixed_precision
 
     device = (recipe.train.device or "auto").strip().lower()
     visible = torch.cuda.device_count() if device != "cpu" else 0
@@ -218,7 +224,7 @@ def resolve_plan(recipe: Recipe) -> LaunchPlan:
             next_step='Set train.distributed="ddp" for CPU processes, or train on GPUs.',
         )
     cpu = device == "cpu" or visible == 0
-    mixed = "no" if cpu else mixed_precision_name(_mixed_precision(recipe, "cuda"))
+    mixed = launch_mixed_precision(recipe, cpu)
     return LaunchPlan(processes, recipe.train.distributed, cpu, mixed, free_port())
 
 

@@ -457,3 +457,20 @@ def test_accelerate_accepts_the_fsdp_command_and_hands_it_to_every_rank(tmp_path
         assert rank["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
         assert "FSDP_TRANSFORMER_CLS_TO_WRAP" not in rank  # the model's own decoder layer class is wrapped
         assert rank["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT" and rank["FSDP_USE_ORIG_PARAMS"] == "false"
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+@pytest.mark.parametrize("dtype", ["auto", "float32", "bfloat16", "float16"])
+def test_launch_mixed_precision_is_off_exactly_where_the_trainer_autocasts_nothing(
+    method: str, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from engine.distributed import launch_mixed_precision
+    from engine.train import _mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    recipe = load_recipe(find_recipe("qlora-7b"), [f"train.method={method}", f"model.dtype={dtype}"])
+    trainer_autocasts = any(_mixed_precision(recipe, "cuda").values())
+    assert (launch_mixed_precision(recipe, cpu=False) != "no") == trainer_autocasts
+    assert launch_mixed_precision(recipe, cpu=True) == "no"
