@@ -4,7 +4,7 @@
 # budget, the plain-forward baseline and the seeds' recipe) and the GPU tests, each under its own time limit so
 # the whole stays below ten minutes.
 #
-#   bench/gpu_suite.sh OUT                       # BENCH_ARGS="--profile --arms unsloth,engine" for profiles
+#   bench/gpu_suite.sh OUT             # BENCH_ARGS="--profile --arms unsloth,engine" GPU_TESTS=0: profiles only
 #
 # Python packages the machine lacks come from `.gpubundle/site.tgz` (bitsandbytes, liger-kernel, Unsloth and
 # its pinned dependencies, unpacked into one folder put on PYTHONPATH) and, for the tests, wheels in `.testwhl/`.
@@ -22,7 +22,9 @@ timeout "${BENCH_TIMEOUT:-450}" python3 bench/train_throughput.py --out "$OUT/be
   --arms unsloth,engine,engine-baseline,seeds --engine-tokens 0,5120 --deadline-s "${BENCH_DEADLINE:-430}" \
   ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
 echo "benchmark exit status $?" >> "$OUT/bench.log"
-timeout "${TESTS_TIMEOUT:-110}" python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider \
-  > "$OUT/test_gpu.log" 2>&1
-echo "tests exit status $?" >> "$OUT/test_gpu.log"
-tail -n 40 "$OUT/bench.log" "$OUT/test_gpu.log"
+if [ "${GPU_TESTS:-1}" = 1 ]; then
+  timeout "${TESTS_TIMEOUT:-110}" python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider \
+    > "$OUT/test_gpu.log" 2>&1
+  echo "tests exit status $?" >> "$OUT/test_gpu.log"
+fi
+tail -n 40 "$OUT"/*.log
