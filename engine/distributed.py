@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from engine.atomic import atomic_write_text
 from engine.errors import EngineError, RecipeError, TrainingError
 from engine.events import EventWriter, RunFailed, RunFinished, claim_stdout, parse_event
+from engine.recipes import ALL_GPUS
 from engine.workspace import RUN_EVENTS_FILE, RUN_LOG_FILE, RUN_PID_FILE, RUN_RECIPE_FILE, latest_checkpoint
 
 if TYPE_CHECKING:
@@ -42,13 +43,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("engine.distributed")
 
 DISTRIBUTED_MODULE = "engine.distributed"
-STRATEGIES = ("ddp", "fsdp")
-ALL_GPUS = "all"
 # Set by the launcher for its ranks: its own pid (the one the run's pid file names) and a private folder where
 # each rank registers its pid and, if it fails, its error.
 LAUNCHER_PID_ENV = "TUNEDECK_LAUNCHER_PID"
 CONTROL_DIR_ENV = "TUNEDECK_CONTROL_DIR"
 USE_CPU_ENV = "ACCELERATE_USE_CPU"
+ELASTIC_RUN_ENV = "TORCHELASTIC_RUN_ID"
 POLL_S = 0.2
 # The gloo process group of the ranks' own small collectives, made by join().
 _CONTROL: dict[str, Any] = {"group": None}
@@ -232,19 +232,25 @@ def resolve_plan(recipe: Recipe) -> LaunchPlan:
 # Helpers for the ranks (the trainer calls these; each is a no-op in a single process)
 
 
+def _launched() -> bool:
+    # Only torch's elastic agent (what accelerate launch runs) makes a rank; a WORLD_SIZE or RANK left in a
+    # user's shell must not turn a plain trainer into one.
+    return ELASTIC_RUN_ENV in os.environ
+
+
 def world_size() -> int:
     """How many processes train this run (1 outside a distributed launch)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) if _launched() else 1
 
 
 def rank() -> int:
     """This process's rank (0 outside a distributed launch)."""
-    return int(os.environ.get("RANK", "0") or 0)
+    return int(os.environ.get("RANK", "0") or 0) if _launched() else 0
 
 
 def local_rank() -> int:
     """This process's rank on this machine, which is also its GPU index."""
-    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) if _launched() else 0
 
 
 def is_distributed() -> bool:

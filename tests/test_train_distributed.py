@@ -165,6 +165,7 @@ def test_the_first_failure_of_any_rank_is_the_cause(tmp_path: Path, monkeypatch:
     from engine.errors import OutOfMemoryError
 
     monkeypatch.setenv(distributed.CONTROL_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(distributed.ELASTIC_RUN_ENV, "none")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert report_failure(OutOfMemoryError("The GPU ran out of memory.", next_step="Lower it."))
@@ -474,3 +475,18 @@ def test_launch_mixed_precision_is_off_exactly_where_the_trainer_autocasts_nothi
     trainer_autocasts = any(_mixed_precision(recipe, "cuda").values())
     assert (launch_mixed_precision(recipe, cpu=False) != "no") == trainer_autocasts
     assert launch_mixed_precision(recipe, cpu=True) == "no"
+
+
+def test_a_world_size_left_in_the_shell_does_not_make_a_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(distributed.ELASTIC_RUN_ENV, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert not distributed.is_distributed() and distributed.is_main_process()
+    assert distributed.process_device("cuda") == "cuda" and distributed.device_label("cuda") == "cuda"
+    monkeypatch.setenv(distributed.ELASTIC_RUN_ENV, "none")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.is_distributed() and not distributed.is_main_process()
+    assert (
+        distributed.process_device("cuda") == "cuda:3"
+        and distributed.device_label("cuda:3") == "cuda × 4 (ddp)"
+    )
