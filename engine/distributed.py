@@ -589,19 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(run_dir / RUN_PID_FILE, f"{os.getpid()}\n")
     writer = EventWriter(stream, run_dir / RUN_EVENTS_FILE)
     try:
-        try:
-            plan = resolve_plan(load_recipe(run_dir / RUN_RECIPE_FILE))
-        except EngineError as error:
-            log.error("%s: %s", error.title, error)
-            writer.emit(
-                RunFailed(
-                    title=error.title,
-                    cause=error.message,
-                    next_step=error.next_step,
-                    details_path=str(run_dir / RUN_LOG_FILE),
-                )
-            )
-            return 1
+        plan = resolve_plan(load_recipe(run_dir / RUN_RECIPE_FILE))
         if stop.requested:
             _report_stopped(writer, run_dir, time.monotonic() - started)
             return 0
@@ -612,6 +600,23 @@ def main(argv: list[str] | None = None) -> int:
             command = train_command(run_dir, resume=args.resume)
             os.execv(command[0], command)
         return supervise(run_dir, plan, writer, stream, stop, resume=args.resume)
+    except Exception as exc:  # the launcher's own failure becomes the run's one run_failed
+        from engine.train import failure_of
+
+        error = failure_of(exc, run_dir / RUN_LOG_FILE)
+        if isinstance(exc, EngineError):
+            log.error("%s: %s", error.title, error)
+        else:
+            log.exception("launching failed")
+        writer.emit(
+            RunFailed(
+                title=error.title,
+                cause=error.message,
+                next_step=error.next_step,
+                details_path=str(run_dir / RUN_LOG_FILE),
+            )
+        )
+        return 1
     finally:
         writer.close()
 

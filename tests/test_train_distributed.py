@@ -490,3 +490,30 @@ def test_a_world_size_left_in_the_shell_does_not_make_a_rank(monkeypatch: pytest
         distributed.process_device("cuda") == "cuda:3"
         and distributed.device_label("cuda:3") == "cuda × 4 (ddp)"
     )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "title", "cause"),
+    [
+        (
+            ["train.device=auto", "train.gpus=2"],
+            "Training failed",
+            "train.gpus is 2, but no CUDA GPU is visible",
+        ),
+        (["train.gpus=2", "train.distributed=fsdp"], "Recipe problem", "accelerate runs FSDP on GPUs only"),
+    ],
+)
+def test_a_plan_this_machine_cannot_run_fails_at_once_in_one_sentence(
+    tiny_workspace: Workspace, overrides: list[str], title: str, cause: str
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA GPUs")
+    recipe = tiny_workspace.root / "recipes" / "tiny.toml"
+    run_dir = tiny_workspace.runs_dir / start_run(tiny_workspace, recipe, overrides)
+    assert finish_run(run_dir, timeout=60).status == "failed"
+    events = read_events(run_dir / "events.jsonl")
+    assert len(events) == 1 and isinstance(events[0], RunFailed)
+    assert events[0].title == title and cause in events[0].cause and events[0].next_step
+    assert "Traceback" not in (run_dir / "train.log").read_text()
