@@ -1,16 +1,13 @@
 """Side-by-side QLoRA training throughput on one GPU: the seeds' recipe, Unsloth, and tunedeck's engine.
 
-One invocation builds a random-init model of a given shape (7B Llama by default), draws synthetic QA-shaped
-data with
-a fixed seed, and trains every arm in its own subprocess (Unsloth patches transformers globally) on 16
-samples per
-optimizer step. Each arm reports real (non-pad) tokens/s over the steps after warm-up, peak GPU memory, MFU,
-and its
+One invocation builds a random-init model of a given shape (7B Llama by default), draws synthetic QA-shaped data
+with a fixed seed, and trains every arm in its own subprocess (Unsloth patches transformers globally) on 16 samples
+per optimizer step; the engine arm is tunedeck's own trainer with the shipped qlora-7b recipe, one process per
+token budget. Each arm reports real (non-pad) tokens/s over the steps after warm-up, peak GPU memory, MFU and its
 per-step losses; the parent writes results.json / results.md with the ratios and the loss agreement.
 
     python bench/train_throughput.py --out /tmp/bench                   # all arms, 7B shape, needs a CUDA GPU
-    python bench/train_throughput.py --out /tmp/b --shape tiny --arms seeds,engine-baseline,engine   # CPU
-    smoke
+    python bench/train_throughput.py --out /tmp/b --shape tiny --arms seeds,engine-baseline,engine   # CPU smoke
 """
 
 from __future__ import annotations
