@@ -902,11 +902,12 @@ def main(argv: list[str] | None = None) -> int:
     distributed.label_logging()
     stop = StopSignal(immediate=not distributed.is_distributed())
     stop.install()
-    if not distributed.is_distributed():
-        atomic_write_text(run_dir / RUN_PID_FILE, f"{os.getpid()}\n")
     log.info("training %s (resume=%s, pid %d)", run_dir.name, args.resume, os.getpid())
     job = TrainingJob(run_dir, writer, stop, resume=args.resume)
     try:
+        # Inside the try: a full disk already at start must end as run_failed, like any later failure.
+        if not distributed.is_distributed():
+            atomic_write_text(run_dir / RUN_PID_FILE, f"{os.getpid()}\n")
         distributed.join()
         job.run()
         return 0

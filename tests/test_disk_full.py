@@ -249,3 +249,34 @@ def test_the_exports_last_event_reaches_stdout_when_the_disk_cannot_take_it(
         export._finish(EventWriter(stream, Path("/dev/full")), failed)
     assert [parse_event(line) for line in stream.getvalue().splitlines()] == [failed]
     assert "reached stdout but not /dev/full" in caplog.text
+
+
+def test_a_trainer_that_starts_on_a_full_disk_ends_as_one_run_failed_event(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from engine.events import RunFailed, parse_event
+
+    # The pid file is the trainer's first write: make it meet a full disk and read the event stream it leaves.
+    script = (
+        "import errno, sys\n"
+        "import engine.train as train\n"
+        "def full(*args, **kwargs):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "train.atomic_write_text = full\n"
+        "sys.exit(train.main(['--run-dir', sys.argv[1]]))\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    events = [parse_event(line) for line in result.stdout.splitlines() if line.strip()]
+    assert len(events) == 1 and isinstance(events[0], RunFailed), result.stdout
+    assert events[0].title == "Disk full" and "Free some disk space" in events[0].next_step
+    assert "Traceback" not in result.stdout
