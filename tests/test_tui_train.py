@@ -234,6 +234,34 @@ def test_resume_is_refused_for_a_running_or_finished_run(workspace: Workspace) -
     run_app(workspace, scenario, launcher)
 
 
+def test_new_run_form_takes_a_gpu_count_or_all(tmp_path: Path) -> None:
+    workspace = make_workspace(tmp_path / "ws", 0, runs=("finished",))
+    launcher = FakeLauncher(steps=4, rate=40)
+
+    async def scenario(app, pilot, view) -> None:
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, NewRunScreen))
+        form = app.screen
+        await wait_for(pilot, lambda: form.recipe_path.endswith("demo-cpu.toml") and not form.error)
+        gpus = form.query_one("#f-train-gpus", Input)
+        assert gpus.value == "1"
+        text = screen_text(app)  # the whole form, buttons included, fits 80×24
+        assert "gpus" in text and "Start (ctrl+s)" in text and "Cancel (esc)" in text
+        gpus.value = "two"
+        await wait_for(pilot, lambda: "`train.gpus`" in form.error)
+        assert gpus.has_class("-invalid")
+        gpus.value = "2"
+        await wait_for(pilot, lambda: not form.error)
+        assert "train.gpus=2" in form.overrides
+        gpus.value = "all"
+        await wait_for(pilot, lambda: not form.error)
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: launcher.calls)
+        assert launcher.calls[0] == ("start", "demo-cpu.toml", ['train.gpus="all"'])
+
+    run_app(workspace, scenario, launcher)
+
+
 def test_launch_errors_surface_with_their_title(workspace: Workspace) -> None:
     from engine.errors import DatasetError
 
@@ -295,6 +323,9 @@ def test_form_helpers() -> None:
     assert override_text("train.epochs", " 3 ", "number") == "train.epochs=3"
     assert estimated_steps(30, 8, 0, 8, 1, 0.0) == 32
     assert estimated_steps(30, 8, 100, 8, 1, 0.0) == 100
+    assert estimated_steps(30, 8, 0, 8, 1, 0.0, processes=2) == 16  # the batch is per GPU
+    assert override_text("train.gpus", "2", "gpus") == "train.gpus=2"
+    assert override_text("train.gpus", "all", "gpus") == 'train.gpus="all"'
     assert short_run_label("20261123-131500-demo-cpu") == "11-23 13:15 demo-cpu"
     assert short_run_label("my-run") == "my-run"
     assert RECORDED.is_dir()

@@ -22,7 +22,7 @@ from engine.recipes import apply_overrides, read_recipe_data, recipe_from_dict
 from tui.engine_client import EngineClient
 from tui.prefs import Prefs
 
-# (section.key, label, kind): kind is "text", "number" or a tuple of choices.
+# (section.key, label, kind): kind is "text", "number", "gpus" (a count or "all") or a tuple of choices.
 FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("model.base", "base model", "text"),
     ("data.dataset", "dataset", "dataset"),
@@ -40,6 +40,7 @@ FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("train.save_steps", "save steps", "number"),
     ("train.eval_steps", "eval steps", "number"),
     ("train.device", "device", "text"),
+    ("train.gpus", "gpus", "gpus"),
 )
 FIELD_RE = re.compile(r"`([a-z_]+\.[a-z_]+)`")
 
@@ -61,19 +62,26 @@ def value_text(value: Any) -> str:
 def override_text(path: str, text: str, kind: Any) -> str:
     """`section.key=value` with text values quoted as TOML strings, so `true` or `1e-4` stay what they look
     like."""
-    if kind == "number":
+    if kind == "number" or (kind == "gpus" and text.strip().isdigit()):
         return f"{path}={text.strip()}"
     return f"{path}={json.dumps(text.strip())}"
 
 
 def estimated_steps(
-    pairs: int, epochs: float, max_steps: int, batch: int, accum: int, eval_fraction: float
+    pairs: int,
+    epochs: float,
+    max_steps: int,
+    batch: int,
+    accum: int,
+    eval_fraction: float,
+    processes: int = 1,
 ) -> int:
-    """About how many optimizer steps a recipe takes on `pairs` rows (what the trainer will report)."""
+    """About how many optimizer steps a recipe takes on `pairs` rows (what the trainer will report); the batch
+    size is per process, so every process of a multi-GPU run takes its share of each step."""
     if max_steps > 0:
         return max_steps
     train_rows = max(1, pairs - math.ceil(pairs * eval_fraction)) if pairs else 0
-    per_epoch = math.ceil(train_rows / max(1, batch * accum))
+    per_epoch = math.ceil(train_rows / max(1, batch * accum * processes))
     return math.ceil(per_epoch * epochs)
 
 
@@ -205,7 +213,7 @@ class NewRunScreen(ModalScreen[tuple[str, list[str]] | None]):
                 text = widget.value  # type: ignore[attr-defined]
             if text.strip() == value_text(self.resolved.get(path, "")).strip():
                 continue
-            overrides.append(override_text(path, text, "number" if kind == "number" else "text"))
+            overrides.append(override_text(path, text, kind if kind in ("number", "gpus") else "text"))
         return overrides
 
     def validate_form(self) -> bool:
@@ -230,6 +238,7 @@ class NewRunScreen(ModalScreen[tuple[str, list[str]] | None]):
             recipe.train.batch_size,
             recipe.train.grad_accum,
             recipe.data.eval_fraction,
+            recipe.train.gpus if isinstance(recipe.train.gpus, int) else 1,
         )
         where = f"{pairs} pairs" if dataset_path.exists() else f"{recipe.data.dataset} (not in datasets/)"
         changed = ", ".join(o.split("=")[0] for o in self.overrides) or "none"
