@@ -47,9 +47,10 @@ def commit_file(temp: Path, final: Path) -> None:
     _fsync_dir(Path(final).parent)
 
 
-def _writer_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists (and is not a zombie we could see)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -70,7 +71,7 @@ def _leftovers(path: Path, mark: str) -> list[Path]:
     with contextlib.suppress(OSError):
         for entry in path.parent.iterdir():
             pid = entry.name.removeprefix(prefix)
-            if entry.name.startswith(prefix) and pid.isdigit() and not _writer_alive(int(pid)):
+            if entry.name.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
                 found.append(entry)
     return sorted(found)
 

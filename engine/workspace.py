@@ -11,6 +11,7 @@ import re
 import time
 from pathlib import Path
 
+from engine.atomic import pid_alive
 from engine.errors import WorkspaceError
 from engine.events import (
     CheckpointSaved,
@@ -171,23 +172,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def checkpoint_step(path: Path) -> int:
     """The step number a step_<n> folder holds."""
     return int(Path(path).name.removeprefix(CHECKPOINT_PREFIX))
-
-
-def pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists (and is not a zombie we could see)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 @dataclasses.dataclass
