@@ -552,14 +552,7 @@ def supervise(
             f"A training process ended without reporting why (accelerate exited with code {code}).",
             next_step=f"See {run_dir / RUN_LOG_FILE}; resume from the last checkpoint once it is fixed.",
         )
-        writer.emit(
-            RunFailed(
-                title=error.title,
-                cause=error.message,
-                next_step=error.next_step,
-                details_path=str(run_dir / RUN_LOG_FILE),
-            )
-        )
+        writer.emit(RunFailed.of(error, run_dir / RUN_LOG_FILE))
         return 1
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -608,14 +601,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s: %s", error.title, error)
         else:
             log.exception("launching failed")
-        writer.emit(
-            RunFailed(
-                title=error.title,
-                cause=error.message,
-                next_step=error.next_step,
-                details_path=str(run_dir / RUN_LOG_FILE),
-            )
-        )
+        writer.emit(RunFailed.of(error, run_dir / RUN_LOG_FILE))
         return 1
     finally:
         writer.close()

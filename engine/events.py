@@ -149,6 +149,13 @@ class RunFailed(Event):
     next_step: str = ""
     details_path: str = ""
 
+    @classmethod
+    def of(cls, error: Any, details_path: Path | str = "") -> RunFailed:
+        """The event that reports an EngineError: its title, one-sentence cause and next step."""
+        return cls(
+            title=error.title, cause=error.message, next_step=error.next_step, details_path=str(details_path)
+        )
+
 
 @_register
 @dataclasses.dataclass

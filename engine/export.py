@@ -1213,12 +1213,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s: %s %s", exc.title, exc.message, exc.next_step)
         _finish(
             writer,
-            RunFailed(
-                title=exc.title,
-                cause=exc.message,
-                next_step=exc.next_step,
-                details_path=str(writer.log_path.parent / LOG_FILE) if writer.log_path else "",
-            ),
+            RunFailed.of(exc, writer.log_path.parent / LOG_FILE if writer.log_path else ""),
         )
         return 2
     except KeyboardInterrupt:

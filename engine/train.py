@@ -930,14 +930,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log.exception("training failed")
         if not distributed.report_failure(error):  # the launcher reports the first failure of any rank
-            writer.emit(
-                RunFailed(
-                    title=error.title,
-                    cause=error.message,
-                    next_step=error.next_step,
-                    details_path=str(log_path),
-                )
-            )
+            writer.emit(RunFailed.of(error, log_path))
         return 3 if isinstance(exc, KeyboardInterrupt) else 1
     finally:
         writer.close()
