@@ -791,6 +791,23 @@ def _trainer_parts() -> tuple[type, type]:
                 return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
             return runner.eval_loss(inputs[EXAMPLES_KEY].examples).detach(), None, None
 
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            try:
+                super()._load_optimizer_and_scheduler(checkpoint)
+            except ValueError as exc:
+                # The packed path optimizes one flat adapter tensor, the padded path one tensor per adapter
+                # weight: a checkpoint of one cannot seed the other's optimizer.
+                if "loaded state dict" not in str(exc):
+                    raise
+                packed = self.job.runner is not None
+                raise TrainingError(
+                    f"Checkpoint {Path(str(checkpoint)).name} was saved on "
+                    f"{'padded batches' if packed else 'packs'}, and this attempt trains on "
+                    f"{'packs' if packed else 'padded batches'}, so its optimizer state does not fit.",
+                    next_step="Resume where the run trained before (the packed path needs a CUDA GPU with "
+                    "bfloat16, or a CPU), or start a new run.",
+                ) from exc
+
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             parent_save = super()._save_checkpoint
             self.job.save_checkpoint(

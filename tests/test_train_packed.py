@@ -117,6 +117,39 @@ def test_packed_run_resumes_after_a_crash_as_if_uninterrupted(tiny_workspace: Wo
         assert torch.allclose(got[name], tensor, rtol=1e-5, atol=1e-7), name
 
 
+def test_resuming_a_packed_run_on_padded_batches_says_why_the_checkpoint_does_not_fit(
+    tiny_workspace: Workspace,
+) -> None:
+    import sys
+
+    crashed = _train(
+        tiny_workspace, [*COMMON, "train.packing=true"], env={"TUNEDECK_FAULT": "crash_at_step:4"}
+    )
+    assert latest_checkpoint(crashed).name == "step_2"
+    # The resume takes the padded path, as it would on a GPU without bfloat16.
+    script = (
+        "import sys\n"
+        "import engine.train as train\n"
+        "train.TrainingJob._packing_wanted = lambda self, recipe: False\n"
+        "sys.exit(train.main(['--run-dir', sys.argv[1], '--resume']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(crashed)],
+        capture_output=True,
+        text=True,
+        env=_child_env(crashed),
+        timeout=240,
+        cwd=crashed,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    failed = read_events(crashed / "events.jsonl")[-1]
+    assert isinstance(failed, RunFailed), failed
+    assert "was saved on packs, and this attempt trains on padded batches" in failed.cause
+    assert "start a new run" in failed.next_step
+    assert latest_checkpoint(crashed).name == "step_2"  # nothing overwritten
+
+
 def test_a_model_the_packed_path_cannot_run_trains_padded_and_says_why(tiny_workspace: Workspace) -> None:
     # The tiny recipe adapts lm_head with LoRA, which the packed path does not do.
     run_dir = _train(tiny_workspace, ["train.max_steps=2", "train.packing=true"])
