@@ -178,12 +178,18 @@ def summarize_steps(
     }
 
 
-def memory_fields(torch: Any, sampler: MemorySampler | None) -> dict[str, Any]:
+def memory_fields(torch: Any, sampler: MemorySampler | None, runner: Any = None) -> dict[str, Any]:
+    """Peak GPU memory; an engine runner's CUDA-graph pool (reserved, never counted as allocated by the
+    allocator, yet used by every replay) is added to its peak allocation and shown on its own."""
     gib = 1024**3
     if not torch.cuda.is_available():
         return {}
+    pool = runner.graph_pool_bytes() if runner is not None else 0
+    graphs = getattr(runner, "graphs", None)
     return {
-        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 3),
+        "peak_allocated_gib": round((torch.cuda.max_memory_allocated() + pool) / gib, 3),
+        "graph_pool_gib": round(pool / gib, 3),
+        "graph_capture_s": round(graphs.capture_s, 1) if graphs is not None else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 3),
         "peak_device_used_gib": round(sampler.peak / gib, 3) if sampler else None,
     }
@@ -593,8 +599,8 @@ def run_engine_baseline(args: argparse.Namespace, data: dict[str, Any]) -> dict[
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """`max_tokens:uncheckpointed_layers[:nodrop][:noliger][:nofuse][:noflat][:nodq]`, e.g. 4096:0 or
-    8192:2."""
+    """`max_tokens:uncheckpointed_layers[:nodrop][:noliger][:nofuse][:noflat][:nodq][:nograph][:gN]`, e.g.
+    4096:0 or 5120:0:nodrop:g512 (gN: CUDA-graph pack granularity)."""
     parts = text.split(":")
     flags = set(parts[2:])
     return {
@@ -611,7 +617,29 @@ def parse_variant(text: str) -> dict[str, Any]:
         "offload_checkpoints": "off" in flags,
         "reentrant_checkpoint": "hooks" not in flags,
         "fuse_residual": "fuseres" in flags,
+        "cuda_graphs": "nograph" not in flags,
+        "graph_granularity": next((int(f[1:]) for f in flags if f[:1] == "g" and f[1:].isdigit()), 256),
     }
+
+
+def parse_engine_spec(spec: str) -> tuple[int, list[str]]:
+    """`BUDGET[/section.key=value…]`: a token budget for the trainer arm and extra recipe overrides, e.g.
+    `5120/lora.dropout=0.1`."""
+    budget, *overrides = spec.split("/")
+    return int(budget), overrides
+
+
+def engine_variant_name(spec: str) -> str:
+    """How a trainer-arm variant is named in the results: the budget and any extra overrides."""
+    budget, overrides = parse_engine_spec(spec)
+    return f"recipe[{', '.join([f'max_tokens_per_batch={budget}', *overrides])}]"
+
+
+def recipe_dropout() -> float:
+    """The shipped qlora-7b recipe's LoRA dropout: the semantics the compared engine variant must keep."""
+    from engine.recipes import find_recipe, load_recipe
+
+    return load_recipe(find_recipe("qlora-7b"), []).lora.dropout
 
 
 def run_engine_trainer(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
@@ -637,7 +665,8 @@ def run_engine_trainer(args: argparse.Namespace, data: dict[str, Any]) -> dict[s
     examples = Examples(train=[{"input_ids": s["ids"], "labels": labels_of(s)} for s in samples], eval=[])
     step_tokens = [sum(len(samples[i]["ids"]) for i in step) for step in steps_order]
     variants: dict[str, Any] = {}
-    for budget in (int(b) for b in args.engine_tokens.split(",")):
+    for spec in args.engine_tokens.split(","):
+        budget, extra_overrides = parse_engine_spec(spec)
         recipe = load_recipe(
             find_recipe("qlora-7b"),
             [
@@ -649,6 +678,7 @@ def run_engine_trainer(args: argparse.Namespace, data: dict[str, Any]) -> dict[s
                 "data.eval_fraction=0",
                 "train.save_steps=0",
                 f"train.max_tokens_per_batch={budget}",
+                *extra_overrides,
             ],
         )
         run_dir = Path(tempfile.mkdtemp(prefix="bench-engine-run-"))
@@ -700,7 +730,8 @@ def run_engine_trainer(args: argparse.Namespace, data: dict[str, Any]) -> dict[s
                         "liger": runner is not None and runner.kernels.liger is not None,
                         "fast_dequant_layers": runner.fast_dequant_layers if runner is not None else 0,
                         "flat": runner is not None and runner.flat is not None,
-                        **memory_fields(torch, sampler),
+                        "graphs": runner is not None and runner.graphs is not None,
+                        **memory_fields(torch, sampler, runner),
                         **({"profile": recorder.profile} if recorder.profile else {}),
                     },
                 )
@@ -711,8 +742,7 @@ def run_engine_trainer(args: argparse.Namespace, data: dict[str, Any]) -> dict[s
             except Exception as exc:  # one failing budget (say, out of memory) must not hide the others
                 result = {"dropout": recipe.lora.dropout, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
             job.writer.close()
-        name = f"recipe[max_tokens_per_batch={budget}]"
-        variants[name] = result
+        variants[engine_variant_name(spec)] = result
         del model, job, recorder
         _release_paged_state()
         gc.collect()
@@ -741,7 +771,6 @@ def run_engine(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     samples = data["samples"]
-    lengths = [len(s["ids"]) for s in samples]
     steps_order = data["grouped_steps"][: args.steps]
     torch.manual_seed(SEED)
     started = time.perf_counter()
@@ -778,6 +807,8 @@ def run_engine(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]
             offload_checkpoints=variant["offload_checkpoints"],
             reentrant_checkpoint=variant["reentrant_checkpoint"],
             fuse_residual=variant["fuse_residual"],
+            cuda_graphs=variant["cuda_graphs"],
+            graph_granularity=variant["graph_granularity"],
         )
         for module in model.modules():
             module.__dict__.pop("_tunedeck_dequant", None)
@@ -795,9 +826,8 @@ def run_engine(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]
         sampler = MemorySampler() if cuda else None
         step_times, step_tokens, losses, packs = [], [], [], []
 
-        def plan(step: list[int], options: fast.FastOptions = options) -> list[fast.PackedBatch]:
-            micro = fast.plan_micro_batches(step, lengths, options.max_tokens)
-            return [fast.pack_examples([examples[i] for i in m], device) for m in micro]
+        def plan(step: list[int], runner: Any = runner) -> list[fast.PackedBatch]:
+            return runner.pack([examples[i] for i in step])
 
         try:
             with sampler or contextlib.nullcontext():
@@ -817,7 +847,7 @@ def run_engine(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]
                     step_times.append(now - mark)
                     mark = now
                     step_tokens.append(stats.num_tokens)
-            memory = memory_fields(torch, sampler)
+            memory = memory_fields(torch, sampler, runner)
             if cuda and sampler is not None:
                 memory["peak_device_used_gib"] = round((sampler.peak - leftover) / 1024**3, 3)
             result = summarize_steps(
@@ -832,6 +862,7 @@ def run_engine(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]
                     "liger": runner.kernels.liger is not None,
                     "fast_dequant_layers": runner.fast_dequant_layers,
                     "flat": runner.flat is not None,
+                    "graphs": runner.graphs is not None,
                     **memory,
                 },
             )
@@ -921,8 +952,7 @@ def run_engine_ddp(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, 
     mark = time.perf_counter()
     for step in steps_order:
         share = fast.shard_for_rank(step, lengths, world, rank)
-        micro = fast.plan_micro_batches(share, lengths, options.max_tokens)
-        batches = [fast.pack_examples([examples[i] for i in m], device) for m in micro]
+        batches = runner.pack([examples[i] for i in share])
         step_targets = sum(1 for i in step for x in examples[i][1][1:] if x != -100)
         stats = runner.train_step(
             optimizer,
@@ -1080,10 +1110,11 @@ def _versions() -> dict[str, str]:
 def best_engine_variant(
     engine: dict[str, Any], memory_cap: float | None
 ) -> tuple[str | None, dict[str, Any] | None]:
-    """Fastest variant with the recipe's semantics (LoRA dropout 0.1) whose peak allocation fits the cap."""
+    """Fastest variant with the shipped recipe's LoRA dropout whose peak allocation fits the cap."""
     best = None
+    dropout = recipe_dropout()
     for name, v in engine.get("variants", {}).items():
-        if "error" in v or v.get("dropout", 0.1) != 0.1:
+        if "error" in v or v.get("dropout", dropout) != dropout:
             continue
         if memory_cap is not None and v.get("peak_allocated_gib", 0) > memory_cap:
             continue
@@ -1212,8 +1243,8 @@ def markdown(summary: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"Engine variant used for ratios: `{summary['engine_variant']}` (fastest with LoRA dropout 0.1 "
-        f"and peak allocation ≤ Unsloth's {summary['memory_cap_gib']} GiB).",
+        f"Engine variant used for ratios: `{summary['engine_variant']}` (fastest with the recipe's LoRA dropout "
+        f"{recipe_dropout()} and peak allocation ≤ Unsloth's {summary['memory_cap_gib']} GiB).",
         "",
         "Ratios: " + ", ".join(f"{k} = {v}" for k, v in summary["ratios"].items()),
         "",
@@ -1329,7 +1360,7 @@ def parent(args: argparse.Namespace) -> int:
                 results[arm] = result
                 continue
             merged = results.setdefault(arm, {"variants": {}})
-            name = f"recipe[max_tokens_per_batch={budget}]"
+            name = engine_variant_name(budget)
             variants = result.get("variants") or {name: {"error": result.get("error")}}
             # A budget run again is told apart: the first process also pays for compiling the Triton kernels
             # for each new pack shape, which later processes find in the on-disk cache.
@@ -1386,7 +1417,8 @@ def main() -> int:
     parser.add_argument(
         "--engine-tokens",
         default="0",
-        help="train.max_tokens_per_batch values for the engine arm (0 = the recipe's automatic budget)",
+        help="engine-arm variants, each BUDGET[/section.key=value...]: train.max_tokens_per_batch (0 = the "
+        "recipe's automatic budget) and extra recipe overrides, e.g. 0,5120,0/lora.dropout=0.1",
     )
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--deadline-s", type=float, default=560)

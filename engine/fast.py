@@ -112,6 +112,8 @@ class PackedBatch:
     targets: torch.Tensor  # (targets,) int64: that next token
     num_tokens: int
     num_targets: int
+    # The padded size when the pack was padded for CUDA-graph replay (0: not padded).
+    graph_tokens: int = 0
 
     def to(self, device: torch.device | str) -> PackedBatch:
         """The same batch on `device` (pinned host memory makes the copy asynchronous)."""
@@ -123,13 +125,17 @@ class PackedBatch:
 
 
 def pack_examples(
-    examples: Sequence[tuple[Sequence[int], Sequence[int]]], device: torch.device | str | None = None
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+    device: torch.device | str | None = None,
+    pad_to: int | None = None,
+    num_sequences: int | None = None,
 ) -> PackedBatch:
     """Pack (input_ids, labels) pairs, labels -100 where no loss is taken, into one padding-free row.
 
     Position j predicts token j+1 of the same sample; a sample's last position predicts nothing, so no loss
-    ever
-    crosses into the next sample.
+    ever crosses into the next sample. `pad_to` appends a filler sequence without targets up to that many
+    tokens and `num_sequences` repeats the last boundary up to that many sequences (empty ones), which gives
+    every pack of one size the same shapes (what a CUDA graph replays); `num_tokens` still counts real tokens.
     """
     ids: list[int] = []
     positions: list[int] = []
@@ -153,9 +159,17 @@ def pack_examples(
                 targets.append(label)
     if not ids:
         raise ValueError("cannot pack an empty batch")
+    real_tokens = len(ids)
+    if pad_to is not None and pad_to > real_tokens:
+        filler = pad_to - real_tokens
+        ids.extend([0] * filler)
+        positions.extend(range(filler))
+        seq_lengths.append(filler)
     cu = [0]
     for length in seq_lengths:
         cu.append(cu[-1] + length)
+    if num_sequences is not None:
+        cu.extend([cu[-1]] * max(0, num_sequences + 1 - len(cu)))
     pin = torch.cuda.is_available()
 
     def tensor(values: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -167,10 +181,10 @@ def pack_examples(
         position_ids=tensor(positions, torch.long).unsqueeze(0),
         cu_seqlens=tensor(cu, torch.int32),
         seq_lengths=seq_lengths,
-        max_seqlen=max(seq_lengths),
+        max_seqlen=len(ids) if pad_to is not None else max(seq_lengths),
         target_positions=tensor(target_positions, torch.long),
         targets=tensor(targets, torch.long),
-        num_tokens=len(ids),
+        num_tokens=real_tokens,
         num_targets=len(targets),
     )
     return batch.to(device) if device is not None else batch
@@ -642,6 +656,10 @@ class _CheckpointedLayer(torch.autograd.Function):
         hidden = runner.offloader.load(ctx.stored[ctx.index])
         if ctx.index > 0:
             runner.offloader.prefetch(ctx.stored[ctx.index - 1])
+        graphs = runner.graphs
+        if graphs is not None and graphs.has(ctx.batch.graph_tokens, ctx.index):
+            grad_in = graphs.backward(ctx.index, hidden, grad_out, ctx.batch.graph_tokens)
+            return grad_in, None, None, None, None, None, None, None
         hidden = hidden.detach().requires_grad_(True)
         device = hidden.device
         cuda = device.type == "cuda"
@@ -657,6 +675,129 @@ class _CheckpointedLayer(torch.autograd.Function):
                 out = runner._layer(ctx.layer, hidden, ctx.cos, ctx.sin, ctx.batch)
         torch.autograd.backward(out, grad_out)
         return hidden.grad, None, None, None, None, None, None, None
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class _LayerGraphs:
+    """Each checkpointed decoder layer's recompute-and-backward captured as one CUDA graph per pack size.
+
+    That part of a step issues about two thirds of its ~3,000 kernels per pack from Python, which on a slow host
+    takes longer than the GPU needs to run them; a replay issues them in one call. Packs are padded to a multiple
+    of `granularity` tokens and to `max_sequences` sequences, so that a few shapes cover every pack, and all
+    graphs are captured before the first pack. They share one memory pool: graphs run one at a time and leave
+    nothing in it (inputs and outputs live in the static buffers below), so it holds one layer's working memory.
+    """
+
+    def __init__(self, runner: PackedCausalLM, max_tokens: int, granularity: int, max_sequences: int) -> None:
+        self.runner = runner
+        self.granularity = granularity
+        self.max_sequences = max_sequences
+        self.capacity = _round_up(max(1, max_tokens), granularity)
+        width = runner.config.hidden_size
+        self.hidden_in = torch.zeros(self.capacity, width, device=runner.device, dtype=runner.dtype)
+        self.grad_in = torch.zeros_like(self.hidden_in)
+        self.grad_out = torch.zeros_like(self.hidden_in)
+        self.cu_seqlens = torch.zeros(max_sequences + 1, device=runner.device, dtype=torch.int32)
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.pool: Any = None
+        self.stream = torch.cuda.Stream(runner.device)
+        self.captured = False
+        self.capture_s = 0.0
+        self.pool_bytes = 0
+
+    def bucket(self, tokens: int, sequences: int) -> int:
+        """The padded size of a pack of `tokens` tokens in `sequences` samples, or 0 when no graph fits it."""
+        size = _round_up(tokens, self.granularity)
+        filler = 1 if size > tokens else 0
+        if size > self.capacity or sequences + filler > self.max_sequences:
+            return 0
+        return size
+
+    def has(self, tokens: int, index: int) -> bool:
+        return (tokens, index) in self.graphs
+
+    def load(self, batch: PackedBatch, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Copy a padded pack's rotary tables and sample boundaries into the graphs' static inputs."""
+        tokens = batch.graph_tokens
+        if self.cos is None:
+            shape = (cos.shape[0], self.capacity, cos.shape[-1])
+            self.cos = torch.zeros(shape, device=cos.device, dtype=cos.dtype)
+            self.sin = torch.zeros(shape, device=sin.device, dtype=sin.dtype)
+        self.cos[:, :tokens].copy_(cos)
+        self.sin[:, :tokens].copy_(sin)
+        self.cu_seqlens.copy_(batch.cu_seqlens)
+
+    def capture_all(self, layers: Sequence[nn.Module], count: int) -> None:
+        """Capture graphs of the first `count` layers (the checkpointed ones) for every pack size."""
+        import time
+
+        started = time.perf_counter()
+        current = torch.cuda.current_stream(self.runner.device)
+        self.stream.wait_stream(current)
+        for tokens in range(self.granularity, self.capacity + 1, self.granularity):
+            for index in reversed(range(count)):
+                self.graphs[(tokens, index)] = self._capture(layers[index], tokens)
+        current.wait_stream(self.stream)
+        self.captured = True
+        self.capture_s = time.perf_counter() - started
+        self.pool_bytes = self._pool_bytes()
+        log.info("captured %d layer graphs in %.1f s", len(self.graphs), self.capture_s)
+
+    def _pool_bytes(self) -> int:
+        """GPU memory the graphs' private pool holds (torch counts it as reserved, not as allocated)."""
+        if self.pool is None:
+            return 0
+        segments = torch.cuda.memory._snapshot(self.runner.device)["segments"]
+        return sum(
+            s["total_size"] for s in segments if tuple(s.get("segment_pool_id", ())) == tuple(self.pool)
+        )
+
+    def _capture(self, layer: nn.Module, tokens: int) -> torch.cuda.CUDAGraph:
+        runner = self.runner
+        batch = PackedBatch(
+            input_ids=self.cu_seqlens,
+            position_ids=self.cu_seqlens,
+            cu_seqlens=self.cu_seqlens,
+            seq_lengths=[],
+            max_seqlen=tokens,
+            target_positions=self.cu_seqlens,
+            targets=self.cu_seqlens,
+            num_tokens=tokens,
+            num_targets=0,
+            graph_tokens=tokens,
+        )
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=self.pool)
+            try:
+                hidden = self.hidden_in[:tokens].detach().requires_grad_(True)
+                with (
+                    torch.enable_grad(),
+                    torch.autocast(device_type="cuda", dtype=runner.dtype),
+                ):
+                    out = runner._layer(layer, hidden, self.cos[:, :tokens], self.sin[:, :tokens], batch)
+                torch.autograd.backward(out, self.grad_in[:tokens])
+                self.grad_out[:tokens].copy_(hidden.grad)
+                del hidden, out
+            finally:
+                graph.capture_end()
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph
+
+    def backward(self, index: int, hidden: torch.Tensor, grad_out: torch.Tensor, tokens: int) -> torch.Tensor:
+        """Replay layer `index`'s recompute-and-backward for a padded pack; returns the layer input's grad."""
+        self.hidden_in[:tokens].copy_(hidden)
+        self.grad_in[:tokens].copy_(grad_out)
+        self.graphs[(tokens, index)].replay()
+        grad = self.grad_out[:tokens]
+        # The next layer down copies this buffer before its replay overwrites it; the embeddings' grad does not.
+        return grad.clone() if index == 0 else grad
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -762,6 +903,13 @@ class FastOptions:
     # sum residual + x·Wᵀ is rounded at the residual's scale before the adapter's term is added, so the small
     # adapter updates of early training are rounded away (a 7B's loss curve lagged peft's by up to 0.6 nats).
     fuse_residual: bool = False
+    # Replay each checkpointed layer's recompute and backward as a CUDA graph (CUDA, LoRA dropout 0, flat
+    # parameters, reentrant checkpointing without offload): packs are padded to a multiple of
+    # `graph_granularity` tokens and at most `graph_max_sequences` samples, and graphs for every pack size up to
+    # `max_tokens` are captured before the first pack.
+    cuda_graphs: bool = True
+    graph_granularity: int = 256
+    graph_max_sequences: int = 64
 
 
 class FlatParameters:
@@ -908,6 +1056,41 @@ class PackedCausalLM:
         self.layer_chunks = self._layer_chunks() if self.flat is not None else {}
         self.parts_cache: dict[Any, Any] = {}
         self.offloader = _Offloader(self.device, self.options.offload_checkpoints)
+        self.graphs: _LayerGraphs | None = None
+        reason = self.graphs_unavailable_reason()
+        if reason is None:
+            self.graphs = _LayerGraphs(
+                self,
+                self.options.max_tokens,
+                self.options.graph_granularity,
+                self.options.graph_max_sequences,
+            )
+        elif self.options.cuda_graphs and self.device.type == "cuda":
+            log.info("CUDA graphs off: %s", reason)
+
+    def graph_pool_bytes(self) -> int:
+        """Memory held by the layer graphs' pool, to add to the allocator's peak when reporting GPU memory."""
+        return self.graphs.pool_bytes if self.graphs is not None else 0
+
+    def graphs_unavailable_reason(self) -> str | None:
+        """Why layer graphs cannot be used with this model and these options, or None when they can."""
+        options = self.options
+        if not options.cuda_graphs:
+            return "turned off"
+        if self.device.type != "cuda":
+            return "not on a CUDA device"
+        if (
+            not (options.gradient_checkpointing and options.reentrant_checkpoint)
+            or options.offload_checkpoints
+        ):
+            return "they need reentrant gradient checkpointing without offload"
+        if self.flat is None or not options.fused_lora:
+            return "they need flat adapter parameters and the fused LoRA kernels"
+        for module in self.model.modules():
+            for dropout in getattr(module, "lora_dropout", {}).values() if hasattr(module, "lora_A") else ():
+                if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+                    return "LoRA dropout is above 0 (a replay would repeat one dropout mask)"
+        return None
 
     def _layer_chunks(self) -> dict[int, tuple[int, int, list[tuple[torch.Tensor, int]]]]:
         """Each decoder layer's flat-buffer slice and members, where its adapters are adjacent."""
@@ -986,6 +1169,11 @@ class PackedCausalLM:
             # adapters; embeddings with trainable rows already provide one (detaching would freeze those rows).
             hidden = hidden.detach().requires_grad_(True)
         stored: list[_StoredTensor] = []
+        graphs = self.graphs if use_checkpoint and batch.graph_tokens else None
+        if graphs is not None:
+            graphs.load(batch, cos, sin)
+            if not graphs.captured:
+                self._capture_graphs(layers, recompute_below)
         for index, layer in enumerate(layers):
             if use_checkpoint and index < recompute_below and self.options.reentrant_checkpoint:
                 hidden = _CheckpointedLayer.apply(hidden, self, index, layer, cos, sin, batch, stored)
@@ -994,6 +1182,14 @@ class PackedCausalLM:
             else:
                 hidden = self._layer(layer, hidden, cos, sin, batch)
         return self.kernels.rms_norm(self.decoder.norm, hidden)
+
+    def _capture_graphs(self, layers: list[nn.Module], count: int) -> None:
+        """Capture the layer graphs, or fall back to eager steps for good if the capture fails."""
+        try:
+            self.graphs.capture_all(layers, count)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:  # eager steps compute the same
+            log.warning("CUDA graph capture failed, training without graphs: %s", exc)
+            self.graphs = None
 
     def loss_sum(self, batch: PackedBatch) -> torch.Tensor:
         """Summed cross-entropy over the batch's answer tokens (float32 scalar)."""
@@ -1013,7 +1209,19 @@ class PackedCausalLM:
         """This step's samples as token-budget packs on the model's device."""
         lengths = [len(ids) for ids, _ in examples]
         plan = plan_micro_batches(list(range(len(examples))), lengths, self.options.max_tokens)
-        return [pack_examples([examples[i] for i in indices], self.device) for indices in plan]
+        packs = []
+        for indices in plan:
+            size = 0
+            if self.graphs is not None and self.model.training and torch.is_grad_enabled():
+                size = self.graphs.bucket(sum(lengths[i] for i in indices), len(indices))
+            chosen = [examples[i] for i in indices]
+            if size:
+                batch = pack_examples(chosen, self.device, size, self.graphs.max_sequences)
+                batch.graph_tokens = size
+            else:
+                batch = pack_examples(chosen, self.device)
+            packs.append(batch)
+        return packs
 
     def backward_examples(
         self,

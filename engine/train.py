@@ -442,7 +442,13 @@ class TrainingJob:
             self._info(f"Training on padded batches, not packs: {reason}.")
             return None
         runner = fast.PackedCausalLM(model, fast.options_from_recipe(recipe))
-        self._info(f"Training on packs of up to {runner.options.max_tokens} tokens (padding-free).")
+        if runner.graphs is not None:
+            self._info(
+                f"Training on packs of up to {runner.options.max_tokens} tokens, each layer's backward"
+                f" replayed as a CUDA graph (packs padded to multiples of {runner.options.graph_granularity})."
+            )
+        else:
+            self._info(f"Training on packs of up to {runner.options.max_tokens} tokens (padding-free).")
         return runner
 
     def fit(
@@ -631,7 +637,11 @@ class TrainingJob:
         self.tokens_since_log, self.last_log_time = 0, now
         remaining = max(state.max_steps - state.global_step, 0)
         eta = sum(self.step_seconds) / len(self.step_seconds) * remaining if self.step_seconds else None
-        gpu = torch.cuda.max_memory_allocated() / 2**30 if self.device.startswith("cuda") else None
+        gpu = None
+        if self.device.startswith("cuda"):
+            # Replayed CUDA graphs work in a pool of their own, which the allocator's peak does not count.
+            pool = self.runner.graph_pool_bytes() if self.runner is not None else 0
+            gpu = (torch.cuda.max_memory_allocated() + pool) / 2**30
         self.last_loss = _number(logs.get("loss"))
         self.writer.emit(
             Step(

@@ -275,3 +275,23 @@ def test_parameters_given_new_storage_after_flattening_still_train():
     assert torch.equal(
         runner.flat.param.detach(), torch.cat([p.detach().reshape(-1) for p in runner.trainable])
     )
+
+
+def test_a_pack_padded_for_graph_replay_keeps_its_targets_and_loss():
+    examples = _examples(5)
+    plain = fast.pack_examples(examples)
+    padded = fast.pack_examples(examples, pad_to=plain.num_tokens + 7, num_sequences=9)
+    assert padded.input_ids.shape[0] == plain.num_tokens + 7
+    assert padded.num_tokens == plain.num_tokens  # throughput counts real tokens only
+    assert padded.targets.tolist() == plain.targets.tolist()
+    assert padded.target_positions.tolist() == plain.target_positions.tolist()
+    cu = padded.cu_seqlens.tolist()
+    assert len(cu) == 10 and cu[:7] == [*plain.cu_seqlens.tolist(), plain.num_tokens + 7]
+    assert cu[7:] == [plain.num_tokens + 7] * 3  # empty sequences fill the fixed count
+    assert padded.max_seqlen == plain.num_tokens + 7
+    model = _tiny_lora_model(seed=6)
+    runner = fast.PackedCausalLM(model, fast.FastOptions(max_tokens=256))
+    assert runner.graphs is None and "CUDA" in runner.graphs_unavailable_reason()
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(runner.loss_sum(padded), runner.loss_sum(plain), rtol=1e-5, atol=1e-6)
