@@ -186,8 +186,9 @@ def memory_fields(torch: Any, sampler: MemorySampler | None, runner: Any = None)
         return {}
     pool = runner.graph_pool_bytes() if runner is not None else 0
     graphs = getattr(runner, "graphs", None)
+    peak = runner.peak_memory_bytes() if runner is not None else torch.cuda.max_memory_allocated()
     return {
-        "peak_allocated_gib": round((torch.cuda.max_memory_allocated() + pool) / gib, 3),
+        "peak_allocated_gib": round(peak / gib, 3),
         "graph_pool_gib": round(pool / gib, 3),
         "graph_capture_s": round(graphs.capture_s, 1) if graphs is not None else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 3),

@@ -709,6 +709,7 @@ class _LayerGraphs:
         self.captured = False
         self.capture_s = 0.0
         self.pool_bytes = 0
+        self.peak_before = 0
 
     def bucket(self, tokens: int, sequences: int) -> int:
         """The padded size of a pack of `tokens` tokens in `sequences` samples, or 0 when no graph fits it."""
@@ -737,15 +738,63 @@ class _LayerGraphs:
         import time
 
         started = time.perf_counter()
-        current = torch.cuda.current_stream(self.runner.device)
+        device = self.runner.device
+        self.peak_before = torch.cuda.max_memory_allocated(device)
+        current = torch.cuda.current_stream(device)
         self.stream.wait_stream(current)
-        for tokens in range(self.granularity, self.capacity + 1, self.granularity):
+        # Largest first: smaller captures then reuse the pool's big blocks instead of growing it.
+        sizes = range(self.capacity, 0, -self.granularity)
+        for tokens in sizes:
+            self._warm_up(layers[0], tokens)
+        torch.cuda.synchronize(device)
+        for tokens in sizes:
             for index in reversed(range(count)):
                 self.graphs[(tokens, index)] = self._capture(layers[index], tokens)
         current.wait_stream(self.stream)
+        torch.cuda.synchronize(device)
         self.captured = True
         self.capture_s = time.perf_counter() - started
         self.pool_bytes = self._pool_bytes()
+        # What a replay needs lives in the pool, counted by `peak_bytes`; the allocator's own peak restarts so
+        # that the capture's transient allocations are not counted twice.
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def peak_bytes(self) -> int:
+        """Peak GPU memory of training with graphs: the allocator's peak since capture plus the pool."""
+        device = self.runner.device
+        if not self.captured:
+            return torch.cuda.max_memory_allocated(device)
+        return max(self.peak_before, torch.cuda.max_memory_allocated(device) + self.pool_bytes)
+
+    def _warm_up(self, layer: nn.Module, tokens: int) -> None:
+        """Run a recompute-and-backward eagerly on the capture stream with a zero output gradient.
+
+        First launches load kernels and create library handles, which a capture cannot record; a zero gradient
+        adds exactly zero to every adapter gradient.
+        """
+        runner = self.runner
+        with torch.cuda.stream(self.stream):
+            hidden = self.hidden_in[:tokens].detach().requires_grad_(True)
+            with torch.enable_grad(), torch.autocast(device_type="cuda", dtype=runner.dtype):
+                out = runner._layer(
+                    layer, hidden, self.cos[:, :tokens], self.sin[:, :tokens], self._batch(tokens)
+                )
+            torch.autograd.backward(out, torch.zeros_like(out))
+
+    def _batch(self, tokens: int) -> PackedBatch:
+        """A stand-in pack of `tokens` padded tokens whose boundaries are the static `cu_seqlens`."""
+        return PackedBatch(
+            input_ids=self.cu_seqlens,
+            position_ids=self.cu_seqlens,
+            cu_seqlens=self.cu_seqlens,
+            seq_lengths=[],
+            max_seqlen=tokens,
+            target_positions=self.cu_seqlens,
+            targets=self.cu_seqlens,
+            num_tokens=tokens,
+            num_targets=0,
+            graph_tokens=tokens,
+        )
         log.info("captured %d layer graphs in %.1f s", len(self.graphs), self.capture_s)
 
     def _pool_bytes(self) -> int:
@@ -759,21 +808,11 @@ class _LayerGraphs:
 
     def _capture(self, layer: nn.Module, tokens: int) -> torch.cuda.CUDAGraph:
         runner = self.runner
-        batch = PackedBatch(
-            input_ids=self.cu_seqlens,
-            position_ids=self.cu_seqlens,
-            cu_seqlens=self.cu_seqlens,
-            seq_lengths=[],
-            max_seqlen=tokens,
-            target_positions=self.cu_seqlens,
-            targets=self.cu_seqlens,
-            num_tokens=tokens,
-            num_targets=0,
-            graph_tokens=tokens,
-        )
+        batch = self._batch(tokens)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(self.stream):
-            graph.capture_begin(pool=self.pool)
+            # Thread-local: another thread's CUDA calls (a memory monitor, say) must not void this capture.
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
                 hidden = self.hidden_in[:tokens].detach().requires_grad_(True)
                 with (
@@ -1069,8 +1108,14 @@ class PackedCausalLM:
             log.info("CUDA graphs off: %s", reason)
 
     def graph_pool_bytes(self) -> int:
-        """Memory held by the layer graphs' pool, to add to the allocator's peak when reporting GPU memory."""
+        """Memory held by the layer graphs' pool (reserved; the allocator's peak does not count it)."""
         return self.graphs.pool_bytes if self.graphs is not None else 0
+
+    def peak_memory_bytes(self) -> int:
+        """Peak GPU memory of training, the layer graphs' pool included (CUDA only)."""
+        if self.graphs is not None:
+            return self.graphs.peak_bytes()
+        return torch.cuda.max_memory_allocated(self.device)
 
     def graphs_unavailable_reason(self) -> str | None:
         """Why layer graphs cannot be used with this model and these options, or None when they can."""

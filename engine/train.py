@@ -640,8 +640,8 @@ class TrainingJob:
         gpu = None
         if self.device.startswith("cuda"):
             # Replayed CUDA graphs work in a pool of their own, which the allocator's peak does not count.
-            pool = self.runner.graph_pool_bytes() if self.runner is not None else 0
-            gpu = (torch.cuda.max_memory_allocated() + pool) / 2**30
+            peak = self.runner.peak_memory_bytes() if self.runner is not None else None
+            gpu = (peak if peak is not None else torch.cuda.max_memory_allocated()) / 2**30
         self.last_loss = _number(logs.get("loss"))
         self.writer.emit(
             Step(
