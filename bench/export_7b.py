@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -331,9 +332,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def run_export(
     run_dir: Path, out: Path, quants: str, threads: int, log_path: Path
-) -> tuple[float, dict[str, float], dict[str, Any]]:
+) -> tuple[float, dict[str, float], dict[str, Any], list[dict[str, Any]]]:
     """Run `python -m engine.export`; returns its wall time, each stage's wall time from the Progress events,
-    and report.json."""
+    report.json, and the timeline of progress messages (where the time goes inside a stage)."""
     command = [
         sys.executable,
         "-m",
@@ -356,6 +357,7 @@ def run_export(
     first_event: float | None = None
     outcome = None
     last_print = 0.0
+    timeline: list[dict[str, Any]] = []
     with (
         open(log_path, "w", encoding="utf-8") as stderr,
         subprocess.Popen(
@@ -371,6 +373,13 @@ def run_export(
             first_event = first_event if first_event is not None else now
             if isinstance(event, Progress):
                 new_stage = event.stage not in stage_start
+                if not timeline or (timeline[-1]["stage"], timeline[-1]["message"]) != (
+                    event.stage,
+                    event.message,
+                ):
+                    timeline.append(
+                        {"t_s": round(now - started, 1), "stage": event.stage, "message": event.message}
+                    )
                 stage_start.setdefault(event.stage, now)
                 if event.current >= event.total:
                     stage_end[event.stage] = now
@@ -394,7 +403,25 @@ def run_export(
     stages = {"process start + imports": (first_event or started) - started}
     stages.update({name: stage_end[name] - stage_start[name] for name in stage_start if name in stage_end})
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    return wall, stages, report
+    return wall, stages, report, timeline
+
+
+def stage_steps(timeline: list[dict[str, Any]], stage: str) -> dict[str, float]:
+    """Seconds from each progress message of `stage` to the next (its last step ends at "done")."""
+    rows = [row for row in timeline if row["stage"] == stage]
+    return {
+        row["message"]: round(following["t_s"] - row["t_s"], 1)
+        for row, following in itertools.pairwise(rows)
+        if row["message"] != "done"
+    }
+
+
+def flush_to_disk() -> float:
+    """Write every dirty page to disk (the export leaves tens of GB in the page cache); returns the seconds."""
+    # Background writeback competes for the 2 cores and would slow the decode timings that follow.
+    started = time.perf_counter()
+    os.sync()
+    return round(time.perf_counter() - started, 1)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -454,12 +481,16 @@ def decode_speed(gguf: Path, *, threads: int, new_tokens: int, repeats: int) -> 
             "text": llm.detokenize(generated).decode("utf-8", errors="replace"),
         }
 
-    warmup = one_run(8)
+    # The warm-up faults in every page of the mapped file and settles llama.cpp's buffers.
+    warmup = one_run(16)
     runs = [one_run(new_tokens) for _ in range(repeats)]
     llm.close()
 
     def median(key: str) -> float:
         return round(statistics.median(run[key] for run in runs), 2)
+
+    def spread(key: str) -> list[float]:
+        return [round(min(run[key] for run in runs), 2), round(max(run[key] for run in runs), 2)]
 
     return {
         "file": gguf.name,
@@ -473,6 +504,8 @@ def decode_speed(gguf: Path, *, threads: int, new_tokens: int, repeats: int) -> 
         "decode_tokens_per_s": median("decode_tokens_per_s"),
         "llama_cpp_prompt_tokens_per_s": median("llama_cpp_prompt_tokens_per_s"),
         "llama_cpp_decode_tokens_per_s": median("llama_cpp_decode_tokens_per_s"),
+        "prompt_tokens_per_s_min_max": spread("prompt_tokens_per_s"),
+        "decode_tokens_per_s_min_max": spread("decode_tokens_per_s"),
         "warmup": {k: round(v, 2) if isinstance(v, float) else v for k, v in warmup.items() if k != "text"},
         "runs": [{k: round(v, 3) if isinstance(v, float) else v for k, v in run.items()} for run in runs],
     }
@@ -586,7 +619,7 @@ def main() -> int:
     parser.add_argument("--quant", default=QUANTS)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode", default="q4_0", help="comma-separated GGUF types to time decoding of")
     parser.add_argument("--keep", action="store_true", help="keep the model, run and export files")
     parser.add_argument("--build-only", action="store_true", help="build the base model into --work and stop")
@@ -651,12 +684,18 @@ def main() -> int:
                 f"python -m engine.export --quant {args.quant} --no-parity --threads {args.threads}"
             )
             print(f"exporting: {summary['command']}", flush=True)
-            wall, stages, report = run_export(
+            wall, stages, report, timeline = run_export(
                 run_dir, export_dir, args.quant, args.threads, work / "export.stderr.log"
             )
+            memory.phase = "sync"
+            synced = flush_to_disk()
+            print(f"os.sync() after the export: {synced} s", flush=True)
             summary["export"] = {
                 "wall_s": round(wall, 1),
                 "stages_s": {name: round(value, 1) for name, value in stages.items()},
+                "merge_steps_s": stage_steps(timeline, "merge"),
+                "sync_after_export_s": synced,
+                "timeline": timeline,
                 "report_durations_s": report["durations_s"],
                 "merge_dtype": report["merge_dtype"],
                 "saved_dtype": report["saved_dtype"],
@@ -669,6 +708,7 @@ def main() -> int:
             for kind in [k.strip() for k in args.decode.split(",") if k.strip()]:
                 memory.phase = f"decode {kind}"
                 gguf = export_dir / report["files"][kind]["file"]
+                flush_to_disk()
                 print(f"timing llama.cpp decoding of {gguf.name}", flush=True)
                 summary["decode"].append(
                     decode_speed(gguf, threads=args.threads, new_tokens=args.new_tokens, repeats=args.repeats)

@@ -271,7 +271,9 @@ class _FastDequant:
                 stream,
             )
             absmax += state.offset
-            if self.cache_absmax:
+            # Not while a CUDA graph is being captured: the capture records kernels without running them, so
+            # the cached tensor would never be filled.
+            if self.cache_absmax and not torch.cuda.is_current_stream_capturing():
                 self.absmax_cache = absmax
         out = torch.empty(state.shape, dtype=dtype, device=device)
         self.dequant_4bit[dtype](
@@ -686,9 +688,10 @@ class _LayerGraphs:
 
     That part of a step issues about two thirds of its ~3,000 kernels per pack from Python, which on a slow host
     takes longer than the GPU needs to run them; a replay issues them in one call. Packs are padded to a multiple
-    of `granularity` tokens and to `max_sequences` sequences, so that a few shapes cover every pack, and all
-    graphs are captured before the first pack. They share one memory pool: graphs run one at a time and leave
-    nothing in it (inputs and outputs live in the static buffers below), so it holds one layer's working memory.
+    of `granularity` tokens and to `max_sequences` sequences, so that a few shapes cover every pack; graphs for
+    every size are captured before the second pack (the first runs eagerly). They share one memory pool: graphs
+    run one at a time and leave nothing in it (inputs and outputs live in the static buffers below), so it holds
+    one layer's working memory.
     """
 
     def __init__(self, runner: PackedCausalLM, max_tokens: int, granularity: int, max_sequences: int) -> None:
@@ -707,6 +710,9 @@ class _LayerGraphs:
         self.pool: Any = None
         self.stream = torch.cuda.Stream(runner.device)
         self.captured = False
+        # Packs trained eagerly so far: the first one initialises what a capture cannot (library handles,
+        # kernels loaded on first launch, the cached 4-bit scales).
+        self.eager_packs = 0
         self.capture_s = 0.0
         self.pool_bytes = 0
         self.peak_before = 0
@@ -745,9 +751,6 @@ class _LayerGraphs:
         # Largest first: smaller captures then reuse the pool's big blocks instead of growing it.
         sizes = range(self.capacity, 0, -self.granularity)
         for tokens in sizes:
-            self._warm_up(layers[0], tokens)
-        torch.cuda.synchronize(device)
-        for tokens in sizes:
             for index in reversed(range(count)):
                 self.graphs[(tokens, index)] = self._capture(layers[index], tokens)
         current.wait_stream(self.stream)
@@ -765,21 +768,6 @@ class _LayerGraphs:
         if not self.captured:
             return torch.cuda.max_memory_allocated(device)
         return max(self.peak_before, torch.cuda.max_memory_allocated(device) + self.pool_bytes)
-
-    def _warm_up(self, layer: nn.Module, tokens: int) -> None:
-        """Run a recompute-and-backward eagerly on the capture stream with a zero output gradient.
-
-        First launches load kernels and create library handles, which a capture cannot record; a zero gradient
-        adds exactly zero to every adapter gradient.
-        """
-        runner = self.runner
-        with torch.cuda.stream(self.stream):
-            hidden = self.hidden_in[:tokens].detach().requires_grad_(True)
-            with torch.enable_grad(), torch.autocast(device_type="cuda", dtype=runner.dtype):
-                out = runner._layer(
-                    layer, hidden, self.cos[:, :tokens], self.sin[:, :tokens], self._batch(tokens)
-                )
-            torch.autograd.backward(out, torch.zeros_like(out))
 
     def _batch(self, tokens: int) -> PackedBatch:
         """A stand-in pack of `tokens` padded tokens whose boundaries are the static `cu_seqlens`."""
@@ -811,8 +799,7 @@ class _LayerGraphs:
         batch = self._batch(tokens)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(self.stream):
-            # Thread-local: another thread's CUDA calls (a memory monitor, say) must not void this capture.
-            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            graph.capture_begin(pool=self.pool)
             try:
                 hidden = self.hidden_in[:tokens].detach().requires_grad_(True)
                 with (
@@ -1217,7 +1204,11 @@ class PackedCausalLM:
         graphs = self.graphs if use_checkpoint and batch.graph_tokens else None
         if graphs is not None:
             graphs.load(batch, cos, sin)
-            if not graphs.captured:
+            if graphs.captured:
+                pass
+            elif graphs.eager_packs == 0:
+                graphs.eager_packs += 1
+            else:
                 self._capture_graphs(layers, recompute_below)
         for index, layer in enumerate(layers):
             if use_checkpoint and index < recompute_below and self.options.reentrant_checkpoint:

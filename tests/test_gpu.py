@@ -140,7 +140,7 @@ def test_layer_graphs_replay_what_the_eager_backward_computes() -> None:
         _, runner = model_and_runner(graphs)
         assert (runner.graphs is not None) == graphs
         runs = []
-        for _ in range(2):  # the second pass replays graphs captured in the first
+        for _ in range(3):  # eager first, then captured, then replayed
             packs = runner.pack(examples)
             assert all(bool(p.graph_tokens) == graphs for p in packs)
             for pack in packs:
@@ -148,11 +148,14 @@ def test_layer_graphs_replay_what_the_eager_backward_computes() -> None:
             runs.append(runner.flat.grad.clone())
             runner.flat.zero_grad()
         # FlashAttention's backward adds in nondeterministic order: equal up to rounding.
-        assert torch.allclose(runs[0], runs[1], rtol=1e-2, atol=1e-5)
-        grads[graphs] = runs[0]
+        for run in runs[1:]:
+            assert _relative_difference(run, runs[0]) < 1e-2
+        grads[graphs] = runs[-1]
         if graphs:
             assert runner.graphs.captured and runner.graph_pool_bytes() > 0
             assert {tokens for tokens, _ in runner.graphs.graphs} == {128, 256, 384}
-    cosine = torch.nn.functional.cosine_similarity(grads[True].float(), grads[False].float(), dim=0)
-    assert cosine > 0.999, float(cosine)
-    assert torch.allclose(grads[True], grads[False], rtol=5e-2, atol=1e-4)
+    assert _relative_difference(grads[True], grads[False]) < 2e-2
+
+
+def _relative_difference(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value.float() - reference.float()).norm() / reference.float().norm())
