@@ -8,9 +8,9 @@ holds a random LoRA adapter (r=64, alpha=16, all linear layers, non-zero B: benc
 timing each stage from its Progress events; then loads the q4_0 GGUF with llama-cpp-python and times prompt
 evaluation and greedy decoding separately. It writes results.json and results.md into --out.
 
-    python bench/export_7b.py --out /tmp/e7 --work /tmp/e7-work --keep     # ~60 GB of disk, about an hour on 2 cores
+    python bench/export_7b.py --out /tmp/e7 --work /tmp/e7-work --keep     # ~55 GB of disk, ~10 minutes on 2 cores
     python bench/export_7b.py --out /tmp/e7 --model-dir /tmp/e7-work/base  # reuse a built base model
-    python bench/export_7b.py --out /tmp/e7-tiny --shape tiny              # smoke test, a minute
+    python bench/export_7b.py --out /tmp/e7-tiny --shape tiny              # smoke test, seconds
 
 The export's parity stage is skipped with its own flag (--no-parity): it answers 30 training and 30 held-out
 questions with the adapter and with every GGUF, hours for a 7B on a 2-core CPU, and random weights answer
