@@ -916,12 +916,13 @@ class FastOptions:
     # Call bitsandbytes' dequantization kernels directly (checked bit-exact against bitsandbytes first).
     fast_dequant: bool = True
     # Keep the double-quantized 4-bit scales in float32 once computed: one dequantization kernel instead of
-    # three (~25% faster steps on a 7B, measured) for ~0.4 GiB (1/16 byte per weight).
-    cache_absmax: bool = True
+    # three (~25% faster steps on a 7B without layer graphs, measured) for ~0.4 GiB (1/16 byte per weight).
+    # None: cache unless layer graphs replay the backward, where the saved launches matter far less than memory.
+    cache_absmax: bool | None = None
     # RMSNorm through liger-kernel (True) or PyTorch (False); liger's other kernels follow `use_liger`.
     liger_norm: bool = True
-    # Keep checkpointed layer inputs in pinned host memory (CUDA): ~1.7 GiB less at 8k-token packs on a 7B,
-    # but measured ~14% slower per token there, so off unless memory is what limits.
+    # Keep checkpointed layer inputs in pinned host memory (CUDA): ~1.7 GiB less at 8k-token packs on a 7B;
+    # measured ~14% slower per token there without layer graphs (host-bound), so off unless memory limits.
     offload_checkpoints: bool = False
     # Recompute through the reentrant checkpoint function (fewer hooks); False uses torch's hook-based one.
     reentrant_checkpoint: bool = True
@@ -930,9 +931,9 @@ class FastOptions:
     # adapter updates of early training are rounded away (a 7B's loss curve lagged peft's by up to 0.6 nats).
     fuse_residual: bool = False
     # Replay each checkpointed layer's recompute and backward as a CUDA graph (CUDA, LoRA dropout 0, flat
-    # parameters, reentrant checkpointing without offload): packs are padded to a multiple of
+    # parameters, reentrant checkpointing): packs are padded to a multiple of
     # `graph_granularity` tokens and at most `graph_max_sequences` samples, and graphs for every pack size up to
-    # `max_tokens` are captured before the first pack.
+    # `max_tokens` are captured after the first pack.
     cuda_graphs: bool = True
     graph_granularity: int = 256
     graph_max_sequences: int = 64
@@ -1076,9 +1077,6 @@ class PackedCausalLM:
         self.flat = None
         if self.options.flat_parameters and FlatParameters.supported(self.trainable):
             self.flat = FlatParameters(self.trainable)
-        self.fast_dequant_layers = (
-            enable_fast_dequant(model, self.options.cache_absmax) if self.options.fast_dequant else 0
-        )
         self.layer_chunks = self._layer_chunks() if self.flat is not None else {}
         self.parts_cache: dict[Any, Any] = {}
         self.offloader = _Offloader(self.device, self.options.offload_checkpoints)
@@ -1093,6 +1091,12 @@ class PackedCausalLM:
             )
         elif self.options.cuda_graphs and self.device.type == "cuda":
             log.info("CUDA graphs off: %s", reason)
+        cache_absmax = self.options.cache_absmax
+        if cache_absmax is None:
+            cache_absmax = self.graphs is None
+        self.fast_dequant_layers = (
+            enable_fast_dequant(model, cache_absmax) if self.options.fast_dequant else 0
+        )
 
     def graph_pool_bytes(self) -> int:
         """Memory held by the layer graphs' pool (reserved; the allocator's peak does not count it)."""
@@ -1111,11 +1115,8 @@ class PackedCausalLM:
             return "turned off"
         if self.device.type != "cuda":
             return "not on a CUDA device"
-        if (
-            not (options.gradient_checkpointing and options.reentrant_checkpoint)
-            or options.offload_checkpoints
-        ):
-            return "they need reentrant gradient checkpointing without offload"
+        if not (options.gradient_checkpointing and options.reentrant_checkpoint):
+            return "they need reentrant gradient checkpointing"
         if self.flat is None or not options.fused_lora:
             return "they need flat adapter parameters and the fused LoRA kernels"
         for module in self.model.modules():
@@ -1387,4 +1388,5 @@ def options_from_recipe(recipe: Recipe) -> FastOptions:
     return FastOptions(
         max_tokens=train.max_tokens_per_batch if train.max_tokens_per_batch > 0 else automatic,
         gradient_checkpointing=train.gradient_checkpointing,
+        offload_checkpoints=train.offload_activations,
     )

@@ -80,6 +80,9 @@ class TrainSection:
     packing: bool = False
     # Tokens per packed micro-batch when packing: activation memory grows with it. 0 = automatic.
     max_tokens_per_batch: int = 0
+    # With packing and gradient checkpointing on a GPU: keep each checkpointed layer input in host RAM instead
+    # of GPU memory (copied out and back while the GPU computes); about a layer's input per layer less GPU memory.
+    offload_activations: bool = False
     seed: int = 42
     logging_steps: int = 1
     eval_steps: int = 0

@@ -179,6 +179,9 @@ def test_options_from_recipe_take_the_token_budget_or_an_automatic_one():
     assert fast.options_from_recipe(recipe).max_tokens == 8192
     recipe.train.max_tokens_per_batch = 1536
     assert fast.options_from_recipe(recipe).max_tokens == 1536
+    assert not fast.options_from_recipe(recipe).offload_checkpoints
+    recipe.train.offload_activations = True
+    assert fast.options_from_recipe(recipe).offload_checkpoints
 
 
 def test_unsupported_reason_names_an_adapted_output_layer():
