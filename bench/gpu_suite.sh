@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements in one command, for a GPU machine without network access, writing everything under OUT:
-# the side-by-side training benchmark (Unsloth first, then tunedeck's trainer at its automatic and a 5,120-token
-# budget, the plain-forward baseline and the seeds' recipe) and the GPU tests, each under its own time limit so
-# the whole stays below ten minutes.
+# the side-by-side training benchmark (Unsloth first, then tunedeck's trainer with the qlora-7b recipe's own
+# 5,120-token packs and with the automatic 4,096, the plain-forward baseline and the seeds' recipe) and the GPU
+# tests, each under its own time limit so the whole stays below ten minutes.
 #
 #   bench/gpu_suite.sh OUT             # BENCH_ARGS="--profile --arms unsloth,engine" GPU_TESTS=0: profiles only
 #
@@ -19,7 +19,7 @@ fi
 export PYTHONPATH="$SITE" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.csv" 2>&1
 timeout "${BENCH_TIMEOUT:-450}" python3 bench/train_throughput.py --out "$OUT/bench" \
-  --arms unsloth,engine,engine-baseline,seeds --engine-tokens 0,5120 --deadline-s "${BENCH_DEADLINE:-430}" \
+  --arms unsloth,engine,engine-baseline,seeds --engine-tokens 5120,0 --deadline-s "${BENCH_DEADLINE:-430}" \
   ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
 echo "benchmark exit status $?" >> "$OUT/bench.log"
 if [ "${GPU_TESTS:-1}" = 1 ]; then

@@ -557,7 +557,7 @@ def run_engine_baseline(args: argparse.Namespace, data: dict[str, Any]) -> dict[
     model = load_4bit(args.model_dir, torch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    model = get_peft_model(model, lora_config(0.1))
+    model = get_peft_model(model, lora_config(recipe_dropout()))
     model.train()
     load_s = time.perf_counter() - started
     params = [p for p in model.parameters() if p.requires_grad]
@@ -593,7 +593,7 @@ def run_engine_baseline(args: argparse.Namespace, data: dict[str, Any]) -> dict[
             "load_s": round(load_s, 1),
             "micro_batch": 16,
             "grad_accum": 1,
-            "lora_dropout": 0.1,
+            "lora_dropout": recipe_dropout(),
             **memory_fields(torch, sampler),
         },
     )
