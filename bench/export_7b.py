@@ -30,7 +30,6 @@ import random
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,10 +42,10 @@ for folder in (REPO, REPO / "bench"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
+from export_demo import export  # noqa: E402
 from random_run import make_run  # noqa: E402
 from train_throughput import SHAPES, param_count  # noqa: E402
 
-from engine.events import Log, Progress, RunFailed, RunFinished, parse_event  # noqa: E402
 from engine.workspace import latest_checkpoint  # noqa: E402
 
 SEED = 0
@@ -330,82 +329,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def run_export(
-    run_dir: Path, out: Path, quants: str, threads: int, log_path: Path
-) -> tuple[float, dict[str, float], dict[str, Any], list[dict[str, Any]]]:
-    """Run `python -m engine.export`; returns its wall time, each stage's wall time from the Progress events,
-    report.json, and the timeline of progress messages (where the time goes inside a stage)."""
-    command = [
-        sys.executable,
-        "-m",
-        "engine.export",
-        "--run-dir",
-        str(run_dir),
-        "--out",
-        str(out),
-        "--force",
-        "--quant",
-        quants,
-        "--no-parity",
-        "--threads",
-        str(threads),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    started = time.monotonic()
-    stage_start: dict[str, float] = {}
-    stage_end: dict[str, float] = {}
-    first_event: float | None = None
-    outcome = None
-    last_print = 0.0
-    timeline: list[dict[str, Any]] = []
-    with (
-        open(log_path, "w", encoding="utf-8") as stderr,
-        subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=REPO
-        ) as process,
-    ):
-        assert process.stdout is not None
-        for line in process.stdout:
-            event = parse_event(line)
-            now = time.monotonic()
-            if event is None:
-                continue
-            first_event = first_event if first_event is not None else now
-            if isinstance(event, Progress):
-                new_stage = event.stage not in stage_start
-                if not timeline or (timeline[-1]["stage"], timeline[-1]["message"]) != (
-                    event.stage,
-                    event.message,
-                ):
-                    timeline.append(
-                        {"t_s": round(now - started, 1), "stage": event.stage, "message": event.message}
-                    )
-                stage_start.setdefault(event.stage, now)
-                if event.current >= event.total:
-                    stage_end[event.stage] = now
-                if new_stage or now - last_print > 30 or event.current >= event.total:
-                    last_print = now
-                    print(
-                        f"  [{now - started:7.1f} s] {event.stage:<16} {event.current / event.total:4.0%}  "
-                        f"{event.message}",
-                        flush=True,
-                    )
-            elif isinstance(event, Log):
-                print(f"  [{now - started:7.1f} s] log: {event.message}", flush=True)
-            elif isinstance(event, (RunFinished, RunFailed)):
-                outcome = event
-    wall = time.monotonic() - started
-    if not isinstance(outcome, RunFinished):
-        detail = (
-            f"{outcome.title}: {outcome.cause} {outcome.next_step}" if isinstance(outcome, RunFailed) else ""
-        )
-        raise SystemExit(f"export failed: {detail or 'no outcome'} (see {log_path})")
-    stages = {"process start + imports": (first_event or started) - started}
-    stages.update({name: stage_end[name] - stage_start[name] for name in stage_start if name in stage_end})
-    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    return wall, stages, report, timeline
-
-
 def stage_steps(timeline: list[dict[str, Any]], stage: str) -> dict[str, float]:
     """Seconds from each progress message of `stage` to the next (its last step ends at "done")."""
     rows = [row for row in timeline if row["stage"] == stage]
@@ -684,8 +607,13 @@ def main() -> int:
                 f"python -m engine.export --quant {args.quant} --no-parity --threads {args.threads}"
             )
             print(f"exporting: {summary['command']}", flush=True)
-            wall, stages, report, timeline = run_export(
-                run_dir, export_dir, args.quant, args.threads, work / "export.stderr.log"
+            wall, stages, report, timeline = export(
+                run_dir,
+                export_dir,
+                args.quant,
+                ["--no-parity", "--threads", str(args.threads)],
+                log_path=work / "export.stderr.log",
+                echo=True,
             )
             memory.phase = "sync"
             synced = flush_to_disk()

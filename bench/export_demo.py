@@ -19,11 +19,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from engine.events import Progress, RunFailed, RunFinished, parse_event  # noqa: E402
+from engine.events import Log, Progress, RunFailed, RunFinished, parse_event  # noqa: E402
 from engine.workspace import Workspace, summarize_run  # noqa: E402
 
 
@@ -48,31 +49,35 @@ def trained_demo_run(workspace: Workspace) -> Path:
     return run_dir
 
 
-def export(run_dir: Path, out: Path, quants: str, questions: int) -> tuple[float, dict[str, float], dict]:
-    """Run the export process; returns its wall time, per-stage wall times from events, and report.json."""
-    command = [
-        sys.executable,
-        "-m",
-        "engine.export",
-        "--run-dir",
-        str(run_dir),
-        "--out",
-        str(out),
-        "--force",
-        "--quant",
-        quants,
-        "--questions",
-        str(questions),
-    ]
+def export(
+    run_dir: Path,
+    out: Path,
+    quants: str,
+    extra_args: list[str],
+    log_path: Path | None = None,
+    echo: bool = False,
+) -> tuple[float, dict[str, float], dict[str, Any], list[dict[str, Any]]]:
+    """Run `python -m engine.export`; returns its wall time, each stage's wall time from the Progress events,
+    report.json, and the timeline of progress messages (where the time goes inside a stage).
+
+    `echo` prints progress as it comes (long exports); the process's stderr goes to `log_path` if given.
+    """
+    command = [sys.executable, "-m", "engine.export", "--run-dir", str(run_dir), "--out", str(out), "--force"]
+    command += ["--quant", quants, *extra_args]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
     started = time.monotonic()
     stage_start: dict[str, float] = {}
     stage_end: dict[str, float] = {}
     first_event: float | None = None
     outcome = None
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO_ROOT
-    ) as process:
+    last_print = 0.0
+    timeline: list[dict[str, Any]] = []
+    with (
+        open(log_path or os.devnull, "w", encoding="utf-8") as stderr,
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=REPO_ROOT
+        ) as process,
+    ):
         assert process.stdout is not None
         for line in process.stdout:
             event = parse_event(line)
@@ -81,19 +86,40 @@ def export(run_dir: Path, out: Path, quants: str, questions: int) -> tuple[float
                 continue
             first_event = first_event if first_event is not None else now
             if isinstance(event, Progress):
+                new_stage = event.stage not in stage_start
+                if not timeline or (timeline[-1]["stage"], timeline[-1]["message"]) != (
+                    event.stage,
+                    event.message,
+                ):
+                    timeline.append(
+                        {"t_s": round(now - started, 1), "stage": event.stage, "message": event.message}
+                    )
                 stage_start.setdefault(event.stage, now)
                 if event.current >= event.total:
                     stage_end[event.stage] = now
+                if echo and (new_stage or now - last_print > 30 or event.current >= event.total):
+                    last_print = now
+                    print(
+                        f"  [{now - started:7.1f} s] {event.stage:<16} {event.current / event.total:4.0%}  "
+                        f"{event.message}",
+                        flush=True,
+                    )
+            elif isinstance(event, Log) and echo:
+                print(f"  [{now - started:7.1f} s] log: {event.message}", flush=True)
             elif isinstance(event, (RunFinished, RunFailed)):
                 outcome = event
     wall = time.monotonic() - started
     if not isinstance(outcome, RunFinished):
-        detail = f"{outcome.title}: {outcome.cause}" if isinstance(outcome, RunFailed) else "no outcome"
-        raise SystemExit(f"export failed: {detail}")
+        detail = (
+            f"{outcome.title}: {outcome.cause} {outcome.next_step}" if isinstance(outcome, RunFailed) else ""
+        )
+        raise SystemExit(
+            f"export failed: {detail or 'no outcome'}" + (f" (see {log_path})" if log_path else "")
+        )
     stages = {"process start + imports": (first_event or started) - started}
     stages.update({name: stage_end[name] - stage_start[name] for name in stage_start if name in stage_end})
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    return wall, stages, report
+    return wall, stages, report, timeline
 
 
 def main() -> None:
@@ -110,7 +136,7 @@ def main() -> None:
         root = args.workspace or Path(tempfile.mkdtemp(prefix="tunedeck-bench-"))
         run_dir = trained_demo_run(Workspace.open(root))
     out = Path(tempfile.mkdtemp(prefix="tunedeck-export-bench-")) / "export"
-    wall, stages, report = export(run_dir, out, args.quant, args.questions)
+    wall, stages, report, _ = export(run_dir, out, args.quant, ["--questions", str(args.questions)])
 
     print(
         f"\nDemo export of {run_dir.name} step {report['step']} ({report['parameters'] / 1e6:.1f}M "
