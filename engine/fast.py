@@ -758,6 +758,12 @@ class _LayerGraphs:
         self.captured = True
         self.capture_s = time.perf_counter() - started
         self.pool_bytes = self._pool_bytes()
+        log.info(
+            "captured %d layer graphs in %.1f s (pool %.2f GiB)",
+            len(self.graphs),
+            self.capture_s,
+            self.pool_bytes / 2**30,
+        )
         # What a replay needs lives in the pool, counted by `peak_bytes`; the allocator's own peak restarts so
         # that the capture's transient allocations are not counted twice.
         torch.cuda.reset_peak_memory_stats(device)
@@ -783,7 +789,6 @@ class _LayerGraphs:
             num_targets=0,
             graph_tokens=tokens,
         )
-        log.info("captured %d layer graphs in %.1f s", len(self.graphs), self.capture_s)
 
     def _pool_bytes(self) -> int:
         """GPU memory the graphs' private pool holds (torch counts it as reserved, not as allocated)."""
