@@ -222,16 +222,16 @@ def _is_byte_level(pre_tokenizer: Any) -> bool:
     return any(_is_byte_level(item) for item in pre_tokenizer.get("pretokenizers") or [])
 
 
-def check_tokenizer(model_dir: Path, converter: Converter) -> TokenizerCheck:
+def check_tokenizer(model_dir: Path, converter: Converter, *, where: str = "") -> TokenizerCheck:
     """Classify the tokenizer of `model_dir` the way the converter will; ExportError in one sentence when it
-    cannot be converted faithfully."""
+    cannot be converted faithfully (naming `where`, else `model_dir`, as the tokenizer's folder)."""
     model_dir = Path(model_dir)
+    where = where or str(model_dir)
     tokenizer_json = model_dir / "tokenizer.json"
     has_sentencepiece = (model_dir / "tokenizer.model").is_file()
     if not tokenizer_json.is_file() and not has_sentencepiece and not (model_dir / "vocab.json").is_file():
         raise ExportError(
-            f"{model_dir} has no tokenizer (tokenizer.json or tokenizer.model), so llama.cpp cannot convert "
-            "it.",
+            f"{where} has no tokenizer (tokenizer.json or tokenizer.model), so llama.cpp cannot convert it.",
             next_step="Save the tokenizer beside the model (tokenizer.save_pretrained) and export again.",
         )
     if has_sentencepiece or not tokenizer_json.is_file():
@@ -240,7 +240,7 @@ def check_tokenizer(model_dir: Path, converter: Converter) -> TokenizerCheck:
         spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ExportError(
-            f"{tokenizer_json} is not readable JSON ({exc}).",
+            f"{Path(where) / 'tokenizer.json'} is not readable JSON ({exc}).",
             next_step="Re-save the tokenizer with tokenizer.save_pretrained and export again.",
         ) from None
     if (spec.get("model") or {}).get("type") != "BPE":
@@ -264,6 +264,38 @@ def check_tokenizer(model_dir: Path, converter: Converter) -> TokenizerCheck:
         next_step=f"Point {CONVERTER_DIR_ENV} at a newer llama.cpp checkout that knows this tokenizer, or "
         "train on a base model whose tokenizer llama.cpp supports.",
     )
+
+
+def sentencepiece_pieces(model_file: Path) -> list[str]:
+    """The pieces of a SentencePiece model file (tokenizer.model), in id order."""
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    return [processor.id_to_piece(index) for index in range(processor.get_piece_size())]
+
+
+def tokenizer_json_tokens(tokenizer_json: Path) -> dict[int, str]:
+    """Every token of a tokenizer.json by id: the model's vocabulary and the added tokens."""
+    spec = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+    vocab = (spec.get("model") or {}).get("vocab")
+    tokens: dict[int, str] = {}
+    if isinstance(vocab, dict):
+        tokens.update({int(index): str(text) for text, index in vocab.items()})
+    elif isinstance(vocab, list):
+        tokens.update({index: str(entry[0]) for index, entry in enumerate(vocab) if isinstance(entry, list)})
+    tokens.update({int(token["id"]): str(token["content"]) for token in spec.get("added_tokens") or []})
+    return tokens
+
+
+def sentencepiece_matches(model_file: Path, tokenizer_json: Path) -> bool:
+    """True when each piece of the SentencePiece model is the token of tokenizer.json at the same id, so a
+    converter that reads tokenizer.model sees the vocabulary of tokenizer.json (tokens added after it aside)."""
+    try:
+        pieces = sentencepiece_pieces(model_file)
+        tokens = tokenizer_json_tokens(tokenizer_json)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError):
+        return False
+    return bool(pieces) and all(tokens.get(index) == piece for index, piece in enumerate(pieces))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -434,14 +466,18 @@ class GgufInfo:
     eos_token: str = ""
     add_bos_token: bool | None = None
     tensor_types: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Each weight matrix by name: its row length (the dimension llama.cpp packs into blocks) and its type.
+    weights: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
     n_tensors: int = 0
     size_bytes: int = 0
     context_length: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for report.json (the template is long; its first line is enough to recognise it)."""
+        """Plain data for report.json (the template is long; its first line is enough to recognise it, and the
+        per-tensor list is summed up by tensor_types)."""
         data = dataclasses.asdict(self)
         data["chat_template"] = self.chat_template[:200]
+        del data["weights"]
         return data
 
 
@@ -576,13 +612,14 @@ def read_gguf(path: Path) -> GgufInfo:
         context = values.get(f"{info.architecture}.context_length")
         info.context_length = int(context) if context is not None else 0
         counts: dict[str, int] = {}
-        for _name, dims, kind in header.tensors:
+        for name, dims, kind in header.tensors:
             if len(dims) >= 2 and dims[1] > 1:
                 try:
                     type_name = gguf.GGMLQuantizationType(kind).name.lower()
                 except ValueError:
                     type_name = str(kind)
                 counts[type_name] = counts.get(type_name, 0) + 1
+                info.weights[name] = (int(dims[0]), type_name)
         info.tensor_types = dict(sorted(counts.items(), key=lambda item: -item[1]))
         info.n_tensors = len(header.tensors)
     return info

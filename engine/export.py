@@ -21,6 +21,7 @@ import shutil
 import signal
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -120,6 +121,8 @@ class ExportPlan:
     disk_free: int
     memory_needed: int
     memory_free: int
+    # The tokenizer files the merged folder gets (name → the file copied), as pre-flight checked them.
+    tokenizer_files: dict[str, Path] = dataclasses.field(default_factory=dict)
 
     @property
     def is_adapter(self) -> bool:
@@ -416,8 +419,14 @@ def preflight(
             "fine-tune a supported family (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2, StableLM…).",
         )
     step_of(3, "checking the tokenizer")
-    tokenizer_dir = checkpoint if (checkpoint / "tokenizer.json").is_file() else base_dir
-    tokenizer = convert.check_tokenizer(tokenizer_dir, converter)
+    bases = [base_dir]
+    recipe_base = _recipe_base_dir(recipe, workspace) if method == "full" else None
+    if recipe_base is not None:
+        # A full run's checkpoint is its own base; the model it started from still holds the files
+        # transformers does not save (tokenizer.model).
+        bases.append(recipe_base)
+    tokenizer_files = plan_tokenizer_files(checkpoint, bases)
+    tokenizer = check_tokenizer_files(tokenizer_files, converter, checkpoint)
     step_of(4, "checking disk and memory")
     parameters = count_parameters(base_dir)
     if parameters <= 0:
@@ -475,6 +484,7 @@ def preflight(
         disk_free=disk_free,
         memory_needed=memory_needed,
         memory_free=memory_free,
+        tokenizer_files=tokenizer_files,
     )
 
 
@@ -491,19 +501,60 @@ def _save_dtype(folder: Path) -> str:
 # Merge
 
 
-def _copy_tokenizer_files(plan: ExportPlan, target: Path) -> None:
-    """The checkpoint's tokenizer (it carries training's chat template), completed with base files."""
-    for source in (plan.checkpoint_dir, plan.base_dir):
+def _recipe_base_dir(recipe: Recipe, workspace: Workspace) -> Path | None:
+    """The local folder of the recipe's base model, or None where it cannot be found without a download."""
+    from engine.modeling import resolve_base_model
+
+    try:
+        folder = _local_base_dir(resolve_base_model(recipe.model.base, workspace))
+    except EngineError:
+        return None
+    return folder if folder.is_dir() else None
+
+
+def plan_tokenizer_files(checkpoint_dir: Path, base_dirs: list[Path]) -> dict[str, Path]:
+    """The tokenizer files the merged folder gets (name → the file copied): the checkpoint's tokenizer, which
+    carries training's chat template and added tokens, completed with the base's files."""
+    files: dict[str, Path] = {}
+    for source in (checkpoint_dir, *base_dirs):
         for name in convert.TOKENIZER_FILES:
-            if (source / name).is_file() and not (target / name).exists():
-                shutil.copy2(source / name, target / name)
+            if (source / name).is_file() and name not in files:
+                files[name] = source / name
         if (source / "tokenizer_config.json").is_file():
-            # The first folder with a tokenizer config defines the tokenizer; the base only fills gaps
-            # (e.g. tokenizer.model, which transformers 5 no longer writes on save).
+            # The first folder with a tokenizer config defines the tokenizer; the bases only fill gaps below.
             break
     for name in ("tokenizer.model", "added_tokens.json"):
-        if (plan.base_dir / name).is_file() and not (target / name).exists():
-            shutil.copy2(plan.base_dir / name, target / name)
+        # transformers 5 writes no tokenizer.model on save, so a checkpoint of a SentencePiece model (Llama 2,
+        # Mistral v0.1) lacks the file the converter reads its vocabulary from; the base has it.
+        found = [folder / name for folder in base_dirs if (folder / name).is_file()]
+        if found and name not in files:
+            files[name] = found[0]
+    model, spec = files.get("tokenizer.model"), files.get("tokenizer.json")
+    if model is not None and spec is not None and not convert.sentencepiece_matches(model, spec):
+        # A SentencePiece model with other pieces than the checkpoint's tokenizer would give the GGUF another
+        # vocabulary than training used; tokenizer.json alone is then what the converter must read.
+        del files["tokenizer.model"]
+    return files
+
+
+def check_tokenizer_files(
+    files: dict[str, Path], converter: convert.Converter, checkpoint_dir: Path
+) -> convert.TokenizerCheck:
+    """Judge the tokenizer the merged folder will hold, from a scratch folder holding exactly those files."""
+    # Refusals name the folder the tokenizer's definition comes from, not the scratch copy.
+    where = str(files["tokenizer.json"].parent if "tokenizer.json" in files else checkpoint_dir)
+    with tempfile.TemporaryDirectory(prefix="tunedeck-tokenizer-") as scratch:
+        for name, source in files.items():
+            shutil.copy2(source, Path(scratch) / name)
+        return convert.check_tokenizer(Path(scratch), converter, where=where)
+
+
+def _copy_tokenizer_files(plan: ExportPlan, target: Path) -> None:
+    """Copy the tokenizer files pre-flight planned into the merged folder, where a save did not write one."""
+    files = plan.tokenizer_files or plan_tokenizer_files(plan.checkpoint_dir, [plan.base_dir])
+    for name, source in files.items():
+        if not (target / name).exists():
+            shutil.copy2(source, target / name)
 
 
 def _largest_weight(model: Any) -> float:
@@ -642,6 +693,11 @@ def prepare_converter_inputs(
         # tokenizer.model); a checkpoint saved by transformers 5 names only its generic backend.
         changes.append(f"tokenizer_class restored to the base model's {base_class}")
         config["tokenizer_class"] = base_class
+    declared = _declare_added_tokens(folder, config)
+    if declared:
+        changes.append(
+            f"declared {', '.join(declared)} (added after the SentencePiece model) in added_tokens_decoder"
+        )
     special = _special_tokens(folder, config)
     added = _added_special_tokens(folder)
     end_token = convert.turn_end_token(template, special, [*added, special.get("eos_token", "")])
@@ -681,6 +737,32 @@ def prepare_converter_inputs(
 
 
 GENERIC_TOKENIZER_CLASSES = frozenset({"", "TokenizersBackend", "PreTrainedTokenizerFast"})
+
+
+def _declare_added_tokens(folder: Path, config: dict[str, Any]) -> list[str]:
+    """Enter into `config`'s added_tokens_decoder the tokens tokenizer.json adds beyond tokenizer.model, and
+    return their texts."""
+    # With a tokenizer.model the converter reads the vocabulary from it plus added_tokens.json and this table,
+    # never from tokenizer.json, and transformers 5 writes neither: tokens training added (the chat markers)
+    # would become [PAD…] placeholders in the GGUF.
+    model, spec_path = folder / "tokenizer.model", folder / "tokenizer.json"
+    if not (model.is_file() and spec_path.is_file()):
+        return []
+    size = len(convert.sentencepiece_pieces(model))
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    table = dict(config.get("added_tokens_decoder") or {})
+    declared = []
+    for token in spec.get("added_tokens") or []:
+        index = int(token["id"])
+        if index < size or str(index) in table:
+            continue
+        table[str(index)] = {
+            key: token.get(key, False) for key in ("lstrip", "normalized", "rstrip", "single_word", "special")
+        } | {"content": str(token["content"])}
+        declared.append(str(token["content"]))
+    if declared:
+        config["added_tokens_decoder"] = table
+    return declared
 
 
 def _tokenizer_class(folder: Path) -> str:
@@ -799,6 +881,7 @@ def verify_stage(
     """Check each GGUF's type, chat template and BOS/EOS as file and llama.cpp see them; write Modelfile."""
     checks: dict[str, Any] = {}
     warnings: list[str] = []
+    notes: list[str] = []
     for index, (kind, path) in enumerate(files.items()):
         clock.update(index, f"checking {path.name}")
         info = convert.read_gguf(path)
@@ -808,7 +891,9 @@ def verify_stage(
             problems.append(f"llama.cpp reports type {loaded['ftype_name']}, not {kind}")
         if info.chat_template != inputs["chat_template"]:
             problems.append("the chat template is missing or differs from training's")
-        if inputs.get("eos_token_id") is not None and info.eos_token_id != inputs["eos_token_id"]:
+        if inputs.get("eos_token_id") is not None and (
+            info.eos_token_id != inputs["eos_token_id"] or info.eos_token != inputs["eos_token"]
+        ):
             problems.append(
                 f"EOS is token {info.eos_token_id} ({info.eos_token!r}), not {inputs['eos_token']!r}"
             )
@@ -819,14 +904,9 @@ def verify_stage(
                 f"{path.name} is not right: {'; '.join(problems)}.",
                 next_step=f"See {plan.export_dir / LOG_FILE} for the converter's log.",
             )
-        weights = sum(info.tensor_types.values())
-        in_type = info.tensor_types.get(kind, 0)
-        if kind not in ("f16", "bf16", "f32") and in_type < weights:
-            others = {k: v for k, v in info.tensor_types.items() if k != kind}
-            warnings.append(
-                f"{path.name}: {weights - in_type} of {weights} weight tensors stay in "
-                f"{', '.join(others)} (rows too short for {kind})"
-            )
+        file_warnings, file_notes = quantize.explain_tensor_types(info.weights, kind)
+        warnings += [f"{path.name}: {warning}" for warning in file_warnings]
+        notes += [f"{path.name}: {note}" for note in file_notes]
         checks[kind] = {
             "file": path.name,
             "size_bytes": info.size_bytes,
@@ -851,7 +931,7 @@ def verify_stage(
         )
     inject_fault("verify")
     atomic_write_text(plan.export_dir / MODELFILE, modelfile)
-    return {"files": checks, "warnings": warnings, "modelfile_template": translated}
+    return {"files": checks, "warnings": warnings, "notes": notes, "modelfile_template": translated}
 
 
 def build_modelfile(gguf_name: str, inputs: dict[str, Any]) -> tuple[str, bool]:
@@ -1000,6 +1080,8 @@ def _export_stages(
             files[quant] = quantize_stage(plan, files[plan.unquantized_kind], quant, clock, options.threads)
     with clock.stage("verify", total=len(files), message="checking file types, chat template, BOS/EOS"):
         verification = verify_stage(plan, files, inputs, clock)
+    for note in verification["notes"]:
+        _emit_log(writer, note)
     for warning in verification["warnings"]:
         _emit_log(writer, warning, level="warning")
     parity_report: dict[str, Any] = {}
@@ -1080,6 +1162,7 @@ def build_report(
         },
         "files": verification["files"],
         "warnings": verification["warnings"],
+        "notes": verification["notes"],
         "parity": parity_report,
         "durations_s": {name: round(value, 3) for name, value in durations.items()},
     }

@@ -470,6 +470,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     ]
     lines += [f"- Fixed: {change}" for change in report["chat"]["changes"]]
     lines += [f"- Warning: {warning}" for warning in report["warnings"]]
+    lines += [f"- Note: {note}" for note in report.get("notes", [])]
     lines += ["", "## Files", "", "| file | type (llama.cpp) | size | weight tensors |", "|---|---|---|---|"]
     for check in report["files"].values():
         tensors = ", ".join(f"{k} {v}" for k, v in check["tensor_types"].items())

@@ -49,6 +49,25 @@ BITS_PER_WEIGHT = {
 }
 # Types whose quality depends on an importance matrix; llama.cpp refuses or degrades badly without one.
 NEEDS_IMATRIX = ("iq1", "iq2", "iq3_xxs", "iq3_xs", "q2_k_s")
+# The tensor type most weights of a file type are stored in, where the names differ: a mix is named after its
+# recipe (q4_k_m keeps most weights in q4_k and gives some layers q6_k).
+MAIN_TENSOR_TYPE = {
+    "q2_k_s": "q2_k",
+    "q3_k_s": "q3_k",
+    "q3_k_m": "q3_k",
+    "q3_k_l": "q3_k",
+    "q4_k_s": "q4_k",
+    "q4_k_m": "q4_k",
+    "q5_k_s": "q5_k",
+    "q5_k_m": "q5_k",
+    "iq2_m": "iq2_s",
+    "iq3_xs": "iq3_s",
+    "iq3_m": "iq3_s",
+    "mxfp4_moe": "mxfp4",
+}
+# Tensor types that pack 32 weights a block; the other quantized types (k-quants, most i-quants) pack 256.
+_BLOCKS_OF_32 = frozenset({"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q8_1", "iq4_nl", "mxfp4"})
+_UNQUANTIZED = frozenset({"f32", "f16", "bf16", "f64"})
 
 
 def _llama_cpp() -> Any:
@@ -113,6 +132,91 @@ def parse_quant_types(text: str | list[str] | tuple[str, ...] | None) -> list[st
 def estimated_size(parameters: int, quant: str) -> int:
     """Rough file size in bytes of a GGUF of `parameters` weights in type `quant` (plus 1 MiB of metadata)."""
     return int(parameters * BITS_PER_WEIGHT.get(quant, 8.5) / 8) + (1 << 20)
+
+
+def main_tensor_type(quant: str) -> str:
+    """The tensor type most weights of a `quant` file are stored in (q4_k_m → q4_k, q4_0 → q4_0)."""
+    return MAIN_TENSOR_TYPE.get(quant, quant)
+
+
+def block_size(tensor_type: str) -> int:
+    """How many weights of a row one block of `tensor_type` packs: a row must be a multiple of it."""
+    if tensor_type in _UNQUANTIZED:
+        return 1
+    return 32 if tensor_type in _BLOCKS_OF_32 else 256
+
+
+def output_layer_name(weights: dict[str, tuple[int, str]]) -> str:
+    """The GGUF name of the output layer: output.weight, or the token embeddings a tied model reuses."""
+    return (
+        "output.weight"
+        if "output.weight" in weights or "token_embd.weight" not in weights
+        else "token_embd.weight"
+    )
+
+
+def _type_counts(types: list[str]) -> str:
+    """`q8_0` for one type, `q6_k (12), q5_k (4)` for several."""
+    counts: dict[str, int] = {}
+    for kind in types:
+        counts[kind] = counts.get(kind, 0) + 1
+    if len(counts) == 1:
+        return types[0]
+    return ", ".join(f"{kind} ({count})" for kind, count in counts.items())
+
+
+def explain_tensor_types(weights: dict[str, tuple[int, str]], quant: str) -> tuple[list[str], list[str]]:
+    """Why weight matrices of a `quant` file (name → row length, type) are in another type, as (warnings,
+    notes): a warning for rows that do not divide into the type's blocks, notes for llama.cpp's deliberate
+    choices (the output layer kept at a higher precision, the higher-precision layers of a mix)."""
+    main = main_tensor_type(quant)
+    if main in _UNQUANTIZED:
+        return [], []
+    block = block_size(main)
+    output = output_layer_name(weights)
+    misfit: list[str] = []
+    misfit_rows: set[int] = set()
+    kept_output = ""
+    mixed: list[str] = []
+    unexplained: list[str] = []
+    for name, (row, kind) in weights.items():
+        if kind == main:
+            continue
+        if row % block:
+            misfit.append(kind)
+            misfit_rows.add(row)
+        elif name == output:
+            # llama.cpp's default for the output layer: q6_k, or q8_0 where its rows do not fit q6_k's blocks.
+            kept_output = kind
+        elif main != quant:
+            mixed.append(kind)
+        else:
+            unexplained.append(kind)
+    total = len(weights)
+    warnings: list[str] = []
+    notes: list[str] = []
+    if misfit:
+        rows = sorted(misfit_rows)
+        lengths = ", ".join(f"{row:,}" for row in rows[:4]) + (", …" if len(rows) > 4 else "")
+        warnings.append(
+            f"{len(misfit)} of {total} weight tensors stay in {_type_counts(misfit)} because their rows "
+            f"({lengths} weights) are not a multiple of {main}'s block of {block}"
+        )
+    if unexplained:
+        warnings.append(
+            f"{len(unexplained)} of {total} weight tensors are in {_type_counts(unexplained)} instead of {main}"
+        )
+    if kept_output:
+        what = (
+            "the output layer" if output == "output.weight" else "the output layer (tied to the embeddings)"
+        )
+        notes.append(f"{output} is in {kept_output}: llama.cpp keeps {what} at a higher precision by default")
+    if mixed:
+        notes.append(
+            f"{len(mixed)} of {total} weight tensors are in {_type_counts(mixed)}: {quant} is llama.cpp's mix "
+            f"that gives some layers more bits than {main}"
+        )
+    return warnings, notes
 
 
 def _expected_size(source: Path, quant: str) -> int | None:

@@ -51,6 +51,47 @@ def train_tokenizer(
     fast.save_pretrained(out_dir)
 
 
+def train_sentencepiece_tokenizer(out_dir: Path, corpus: Iterable[str] = (), vocab_size: int = 512) -> None:
+    """Train a Llama-2-style SentencePiece BPE model with byte fallback and save it as hub folders ship one:
+    tokenizer.model beside the tokenizer.json and tokenizer_config.json transformers converts from it."""
+    import io
+
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    # Llama 2's settings: <unk> <s> </s> at ids 0-2, no pad token, a dummy prefix space, digits split, and
+    # unknown characters spelled as byte tokens.
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([*BASE_CORPUS, *corpus] * 4),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        character_coverage=1.0,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    # transformers builds the fast tokenizer from tokenizer.model; saving writes tokenizer.json (and, being
+    # transformers 5, no tokenizer.model, so the SentencePiece model written above stays the original).
+    AutoTokenizer.from_pretrained(out_dir).save_pretrained(out_dir)
+
+
 def corpus_from_jsonl(path: Path) -> list[str]:
     """Question and answer texts of a Q/A JSONL file, to make the tiny tokenizer fit the test data."""
     texts = []
@@ -137,14 +178,19 @@ def build_tiny_model(
     seed: int = 0,
     vocab_size: int = 512,
     chat_template: str | None = None,
+    sentencepiece: bool = False,
 ) -> Path:
-    """Write a tiny random-init model and its tokenizer to `out_dir` (a Hugging Face folder) and return it."""
+    """Write a tiny random-init model and its tokenizer (byte-level BPE, or with `sentencepiece` a Llama-2-style
+    SentencePiece model) to `out_dir` (a Hugging Face folder) and return it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(out_dir, corpus, vocab_size, PHI3_SPECIAL_TOKENS if arch == "phi3" else ())
+    if sentencepiece:
+        train_sentencepiece_tokenizer(out_dir, corpus, vocab_size)
+    else:
+        train_tokenizer(out_dir, corpus, vocab_size, PHI3_SPECIAL_TOKENS if arch == "phi3" else ())
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     if chat_template is None and arch == "phi3":
         chat_template = PHI3_CHAT_TEMPLATE

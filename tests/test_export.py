@@ -153,6 +153,21 @@ def test_parity_report_shows_adapter_and_every_gguf_side_by_side(tiny_export: di
     assert set(report["durations_s"]) >= set(STAGES) | {"total"}
 
 
+def test_verify_notes_the_output_layer_llama_cpp_keeps_at_higher_precision(tiny_export: dict) -> None:
+    out = tiny_export["out"]
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    # Every weight row of the tiny model (64) fits q4_0's and q5_1's blocks of 32; only the output layer is in
+    # another type, by llama.cpp's choice (q8_0 here, as its rows do not fit q6_k's blocks of 256).
+    for kind in ("q4_0", "q5_1"):
+        assert report["files"][kind]["tensor_types"].get("q8_0") == 1, kind
+    assert not [warning for warning in report["warnings"] if "rows" in warning]
+    notes = [note for note in report["notes"] if "output.weight is in q8_0" in note]
+    assert len(notes) == 2 and all(
+        "llama.cpp keeps the output layer at a higher precision" in n for n in notes
+    )
+    assert "- Note: " in (out / "report.md").read_text(encoding="utf-8")
+
+
 def test_modelfile_points_at_q4_0_with_template_and_stops(tiny_export: dict) -> None:
     out = tiny_export["out"]
     text = (out / "Modelfile").read_text(encoding="utf-8")

@@ -357,6 +357,74 @@ def test_quantize_writes_the_type_llama_cpp_reports(quant: str, tiny_f16: Path, 
     assert progress and progress[-1][0] == progress[-1][1]
 
 
+def llama_7b_weights(quant_type: str, output_type: str) -> dict[str, tuple[int, str]]:
+    """A 7B Llama's 226 weight matrices (name → row length, type) as a GGUF of `quant_type` lists them."""
+    weights = {"token_embd.weight": (4096, quant_type), "output.weight": (4096, output_type)}
+    for layer in range(32):
+        for part in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up"):
+            weights[f"blk.{layer}.{part}.weight"] = (4096, quant_type)
+        weights[f"blk.{layer}.ffn_down.weight"] = (11008, quant_type)
+    return weights
+
+
+def test_the_output_layer_llama_cpp_keeps_in_q6_k_is_a_note_not_a_row_length_warning() -> None:
+    from engine.quantize import explain_tensor_types
+
+    warnings, notes = explain_tensor_types(llama_7b_weights("q4_0", "q6_k"), "q4_0")
+    assert warnings == []
+    assert notes == [
+        "output.weight is in q6_k: llama.cpp keeps the output layer at a higher precision by default"
+    ]
+    # A tied model's output layer is its token embeddings.
+    tied = llama_7b_weights("q5_1", "q6_k")
+    tied["token_embd.weight"] = tied.pop("output.weight")
+    warnings, notes = explain_tensor_types(tied, "q5_1")
+    assert warnings == [] and notes[0].startswith(
+        "token_embd.weight is in q6_k: llama.cpp keeps the output layer"
+    )
+    # q8_0 keeps the output layer in q8_0: nothing to say.
+    assert explain_tensor_types(llama_7b_weights("q8_0", "q8_0"), "q8_0") == ([], [])
+
+
+def test_rows_that_do_not_divide_into_blocks_still_warn() -> None:
+    from engine.quantize import explain_tensor_types
+
+    weights = llama_7b_weights("q4_0", "q6_k")
+    weights["blk.3.ffn_down.weight"] = (11000, "f16")
+    weights["blk.4.ffn_down.weight"] = (11000, "f16")
+    warnings, notes = explain_tensor_types(weights, "q4_0")
+    assert warnings == [
+        "2 of 226 weight tensors stay in f16 because their rows (11,000 weights) are not a multiple of q4_0's "
+        "block of 32"
+    ]
+    assert len(notes) == 1 and notes[0].startswith("output.weight is in q6_k")
+    # An output layer whose rows fit no block is a row-length problem too, not llama.cpp's choice.
+    weights = llama_7b_weights("q4_0", "f16")
+    weights["output.weight"] = (4100, "f16")
+    warnings, notes = explain_tensor_types(weights, "q4_0")
+    assert len(warnings) == 1 and "rows (4,100 weights)" in warnings[0] and notes == []
+
+
+def test_a_k_quant_mix_is_a_note_and_its_rows_are_judged_by_256_blocks() -> None:
+    from engine.quantize import explain_tensor_types
+
+    weights = llama_7b_weights("q4_k", "q6_k")
+    for layer in (0, 1, 2, 5, 8):
+        weights[f"blk.{layer}.attn_v.weight"] = (4096, "q6_k")
+        weights[f"blk.{layer}.ffn_down.weight"] = (11008, "q6_k")
+    warnings, notes = explain_tensor_types(weights, "q4_k_m")
+    assert warnings == []
+    assert notes == [
+        "output.weight is in q6_k: llama.cpp keeps the output layer at a higher precision by default",
+        "10 of 226 weight tensors are in q6_k: q4_k_m is llama.cpp's mix that gives some layers more bits than "
+        "q4_k",
+    ]
+    # Rows of 64 (the tiny test models) fit q4_0's blocks of 32 but not q4_k's of 256.
+    tiny = {"output.weight": (64, "q8_0"), "blk.0.attn_q.weight": (64, "q5_0")}
+    warnings, _ = explain_tensor_types(tiny, "q4_k_m")
+    assert len(warnings) == 1 and "not a multiple of q4_k's block of 256" in warnings[0]
+
+
 def test_quantize_failure_before_rename_leaves_no_file(tiny_f16: Path, tmp_path: Path) -> None:
     from engine.quantize import quantize_gguf
 
