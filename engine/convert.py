@@ -287,6 +287,38 @@ def tokenizer_json_tokens(tokenizer_json: Path) -> dict[int, str]:
     return tokens
 
 
+def _metaspace_scheme(step: Any) -> str:
+    """The prepend_scheme of the Metaspace step in a tokenizer.json pre-tokenizer (or Sequence), or ''."""
+    if not isinstance(step, dict):
+        return ""
+    if step.get("type") == "Metaspace":
+        # tokenizers < 0.15 wrote add_prefix_space instead of a scheme; True prefixed every segment.
+        return str(
+            step.get("prepend_scheme") or ("always" if step.get("add_prefix_space", True) else "never")
+        )
+    return next(filter(None, (_metaspace_scheme(item) for item in step.get("pretokenizers") or [])), "")
+
+
+def sentencepiece_space_prefix(model_dir: Path) -> bool | None:
+    """False when the SentencePiece model in `model_dir` must be converted with add_space_prefix off to split
+    text as its tokenizer.json does; None where the converter's default already agrees."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "tokenizer.model").is_file():
+        return None
+    try:
+        spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    # llama.cpp prefixes a space to every text fragment that starts the prompt or follows a special token
+    # (legacy SentencePiece, Metaspace "always"). transformers' non-legacy Llama tokenizers prefix only the
+    # text at the very start ("first") or nothing ("never"), so `<|im_start|>user` must not become `▁user`.
+    # llama.cpp has no "first" mode: off matches every fragment after a special token, which is all of a
+    # chat prompt, and loses the prefix only on text that opens a raw prompt.
+    if _metaspace_scheme(spec.get("pre_tokenizer")) in ("first", "never"):
+        return False
+    return None
+
+
 def sentencepiece_matches(model_file: Path, tokenizer_json: Path) -> bool:
     """True when each piece of the SentencePiece model is the token of tokenizer.json at the same id, so a
     converter that reads tokenizer.model sees the vocabulary of tokenizer.json (tokens added after it aside)."""
@@ -361,6 +393,8 @@ def convert_to_gguf(
     command = [python or sys.executable, "-P", "-m", "engine.convert", "launch", str(converter.script)]
     if tokenizer is not None and tokenizer.needs_byte_level_fallback:
         command += ["--byte-level-bpe"]
+    if sentencepiece_space_prefix(model_dir) is False:
+        command += ["--no-space-prefix"]
     command += ["--", str(model_dir), "--outfile", str(temp), "--outtype", outtype]
     env = {
         **os.environ,
@@ -661,7 +695,29 @@ def _allow_byte_level_bpe(module: Any) -> None:
         cls.get_vocab_base_pre = wrap(cls.get_vocab_base_pre)
 
 
-def launch(script: Path, argv: list[str], *, byte_level_bpe: bool) -> None:
+def _drop_space_prefix(module: Any) -> None:
+    """Make the converter write tokenizer.ggml.add_space_prefix = false for a SentencePiece vocabulary."""
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def _set_vocab_sentencepiece(self: Any, *args: Any, **kwargs: Any) -> Any:
+            result = original(self, *args, **kwargs)
+            # Without the key llama.cpp defaults to true for SentencePiece ("llama") vocabularies.
+            self.gguf_writer.add_add_space_prefix(False)
+            logging.getLogger("tunedeck").info(
+                "SentencePiece tokenizer.json prefixes no space after special tokens: "
+                "writing tokenizer.ggml.add_space_prefix = false"
+            )
+            return result
+
+        return _set_vocab_sentencepiece
+
+    for cls in _text_model_classes(module):
+        if "_set_vocab_sentencepiece" in vars(cls):
+            cls._set_vocab_sentencepiece = wrap(cls._set_vocab_sentencepiece)
+
+
+def launch(script: Path, argv: list[str], *, byte_level_bpe: bool, space_prefix: bool = True) -> None:
     """Import the converter script as a module, patch it if asked, and run its main() with `argv`."""
     script = Path(script).resolve()
     for folder in (str(script.parent), str(script.parent / "gguf-py")):
@@ -675,6 +731,8 @@ def launch(script: Path, argv: list[str], *, byte_level_bpe: bool) -> None:
     spec.loader.exec_module(module)
     if byte_level_bpe:
         _allow_byte_level_bpe(module)
+    if not space_prefix:
+        _drop_space_prefix(module)
     sys.argv = [str(script), *argv]
     started = time.monotonic()
     module.main()
@@ -682,16 +740,23 @@ def launch(script: Path, argv: list[str], *, byte_level_bpe: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m engine.convert launch SCRIPT [--byte-level-bpe] -- CONVERTER-ARGS…`."""
+    """`python -m engine.convert launch SCRIPT [--byte-level-bpe] [--no-space-prefix] -- CONVERTER-ARGS…`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 2 or argv[0] != "launch":
-        sys.stderr.write("usage: python -m engine.convert launch SCRIPT [--byte-level-bpe] -- ARGS...\n")
+        sys.stderr.write(
+            "usage: python -m engine.convert launch SCRIPT [--byte-level-bpe] [--no-space-prefix] -- ARGS...\n"
+        )
         return 2
     script = Path(argv[1])
     rest = argv[2:]
-    byte_level = "--byte-level-bpe" in rest[: rest.index("--")] if "--" in rest else False
+    flags = rest[: rest.index("--")] if "--" in rest else []
     converter_args = rest[rest.index("--") + 1 :] if "--" in rest else rest
-    launch(script, converter_args, byte_level_bpe=byte_level)
+    launch(
+        script,
+        converter_args,
+        byte_level_bpe="--byte-level-bpe" in flags,
+        space_prefix="--no-space-prefix" not in flags,
+    )
     return 0
 
 

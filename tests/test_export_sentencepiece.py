@@ -175,3 +175,60 @@ def test_export_converts_the_sentencepiece_vocabulary_with_the_tokens_training_a
     report = json.loads(Path(outputs["report_json"]).read_text(encoding="utf-8"))
     assert report["converter"]["tokenizer"]["kind"] == "sentencepiece"
     assert any("<|im_end|>" in change for change in report["chat"]["changes"])
+
+
+def test_the_gguf_splits_chat_prompts_as_the_trainer_did(sentencepiece_run: Path, tmp_path: Path) -> None:
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from transformers import AutoTokenizer
+
+    from engine.convert import read_gguf, sentencepiece_space_prefix
+    from engine.export import ExportOptions, run_export
+    from engine.generation import prompt_ids
+    from engine.workspace import latest_checkpoint
+
+    outputs = run_export(
+        ExportOptions(run_dir=sentencepiece_run, out_dir=tmp_path / "export", quants=["q4_0"], parity=False),
+        free_memory=plenty_of_memory,
+    )
+    # The trainer's tokenizer: the checkpoint's tokenizer.json (Metaspace, prepend_scheme "first").
+    tokenizer = AutoTokenizer.from_pretrained(str(latest_checkpoint(sentencepiece_run)))
+    conversation = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hi there, what is 2+2?"},
+        {"role": "assistant", "content": "Four."},
+        {"role": "user", "content": "user and assistant words"},
+    ]
+    # llama.cpp has no "prefix only the first fragment" mode: text that opens a raw prompt (no special token
+    # before it) now loses its `▁`; a ChatML prompt never starts that way.
+    assert sentencepiece_space_prefix(Path(outputs["merged"])) is False
+    for path in outputs["files"].values():
+        info = read_gguf(Path(path))
+        # What tunedeck's chat sends: llama-cpp-python renders the GGUF's template and tokenizes the text with
+        # special tokens parsed and no BOS added (the template writes its own).
+        formatter = Jinja2ChatFormatter(
+            info.chat_template, eos_token=info.eos_token or "", bos_token=info.bos_token or ""
+        )
+        llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        try:
+            for messages in (conversation[:2], conversation):
+                rendered = formatter(messages=messages).prompt  # type: ignore[arg-type]
+                assert rendered.startswith("<|im_start|>")
+                expected = prompt_ids(tokenizer, messages)
+                assert tokenizer(rendered, add_special_tokens=False)["input_ids"] == expected
+                got = llm.tokenize(rendered.encode(), add_bos=False, special=True)
+                # Pieces first, for a readable diff: `▁user` after `<|im_start|>` is the mismatch to catch.
+                assert tokenizer.convert_ids_to_tokens(got) == tokenizer.convert_ids_to_tokens(expected)
+                assert got == expected, Path(path).name
+        finally:
+            llm.close()
+
+
+def test_only_a_sentencepiece_model_that_prefixes_the_first_fragment_drops_the_space_prefix(
+    sentencepiece_base: Path, tiny_model_dir: Path
+) -> None:
+    from engine.convert import sentencepiece_space_prefix
+
+    assert sentencepiece_space_prefix(sentencepiece_base) is False
+    # Byte-level BPE (no tokenizer.model) keeps whatever the converter writes.
+    assert sentencepiece_space_prefix(tiny_model_dir) is None
