@@ -136,15 +136,29 @@ class StageRow(Horizontal):
         super().__init__(id=stage_id(stage), classes="stage-row")
         self.stage = stage
         self.started: float | None = None
+        # What arrived before the row's children were composed, applied once they are (on a busy machine a
+        # second event of the stage can come first).
+        self.latest: Progress | None = None
+        self.completed = False
 
     def compose(self) -> ComposeResult:
         yield Label(self.stage, classes="stage-name")
         yield ProgressBar(total=None, show_eta=False, show_percentage=False, classes="stage-bar")
         yield Static(classes="stage-message")
 
+    def on_mount(self) -> None:
+        if self.latest is not None:
+            self.show(self.latest)
+        if self.completed:
+            self.complete()
+
     def show(self, event: Progress) -> None:
         """Update from a progress event."""
-        bar = self.query_one(ProgressBar)
+        self.latest = event
+        bars = self.query(ProgressBar)
+        if not bars:
+            return
+        bar = bars.first()
         if event.total:
             bar.update(total=event.total, progress=event.current)
         # The events' own times, so a stage replayed from events.jsonl shows how long it really took.
@@ -161,7 +175,11 @@ class StageRow(Horizontal):
 
     def complete(self) -> None:
         """Mark the stage done."""
-        bar = self.query_one(ProgressBar)
+        self.completed = True
+        bars = self.query(ProgressBar)
+        if not bars:
+            return
+        bar = bars.first()
         bar.update(total=bar.total or 1, progress=bar.total or 1)
 
 
